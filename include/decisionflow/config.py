@@ -54,8 +54,17 @@ def port(name: str) -> int:
 
 
 def resolve_path(value: str | os.PathLike) -> Path:
-    """Resolve a configured path: absolute stays, relative is taken from the project home."""
-    path = Path(os.path.expandvars(os.fspath(value))).expanduser()
+    """Resolve a configured path: absolute stays, relative is taken from the project home.
+
+    ``${DECISIONFLOW_DATA}`` and ``${DECISIONFLOW_HOME}`` expand to their effective values even when the
+    variables are unset, so a settings file can say ``${DECISIONFLOW_DATA}/lake`` and follow the data dir.
+    """
+    text = os.fspath(value)
+    for name, default in (("DECISIONFLOW_DATA", data_dir), ("DECISIONFLOW_HOME", project_home)):
+        for token in (f"${{{name}}}", f"${name}"):
+            if token in text:
+                text = text.replace(token, str(default()))
+    path = Path(os.path.expandvars(text)).expanduser()
     return path if path.is_absolute() else (project_home() / path).resolve()
 
 

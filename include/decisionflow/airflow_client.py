@@ -1,0 +1,126 @@
+"""A small client for Airflow 3's REST API (``/api/v2``): what the demo, the CLI and the system tests use.
+
+Notes that cost time to learn: a token comes from ``POST /auth/token``; triggering needs
+``"logical_date": null``; ``clearTaskInstances`` defaults to ``dry_run: true``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+TERMINAL_RUN_STATES = {"success", "failed"}
+
+
+class AirflowApiError(RuntimeError):
+    pass
+
+
+@dataclass
+class AirflowClient:
+    base_url: str
+    username: str
+    password: str
+    timeout: float = 30.0
+
+    @classmethod
+    def for_local_stack(cls, ctx=None) -> AirflowClient:
+        from decisionflow.stack.airflow import ADMIN_USER, base_url, passwords_file
+        from decisionflow.stack.base import StackContext
+
+        ctx = ctx or StackContext()
+        path: Path = passwords_file(ctx)
+        try:
+            password = json.loads(path.read_text())[ADMIN_USER]
+        except (OSError, ValueError, KeyError) as exc:
+            raise AirflowApiError(f"admin password not readable from {path} (is the stack up?): {exc}") from exc
+        return cls(base_url(ctx), ADMIN_USER, password)
+
+    def __post_init__(self) -> None:
+        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout)
+        self._token: str | None = None
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    def _auth(self) -> dict[str, str]:
+        if self._token is None:
+            response = self._http.post("/auth/token", json={"username": self.username, "password": self.password})
+            if response.status_code not in (200, 201):
+                raise AirflowApiError(f"POST /auth/token -> {response.status_code}: {response.text[:300]}")
+            self._token = response.json()["access_token"]
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def request(self, method: str, path: str, **kwargs) -> dict:
+        response = self._http.request(method, f"/api/v2{path}", headers=self._auth(), **kwargs)
+        if response.status_code == 401:  # token expired: one fresh try
+            self._token = None
+            response = self._http.request(method, f"/api/v2{path}", headers=self._auth(), **kwargs)
+        if response.status_code >= 400:
+            raise AirflowApiError(f"{method} /api/v2{path} -> {response.status_code}: {response.text[:500]}")
+        return response.json() if response.content else {}
+
+    # -- DAGs and runs ------------------------------------------------------------------------------------
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> dict:
+        """Wait until the dag-processor has parsed ``dag_id``; fail with its import errors if it has some."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.request("GET", f"/dags/{dag_id}")
+            except AirflowApiError as exc:
+                if "404" not in str(exc):
+                    raise
+            if time.monotonic() > deadline:
+                errors = self.request("GET", "/importErrors").get("import_errors", [])
+                raise AirflowApiError(f"DAG {dag_id!r} not parsed after {timeout:.0f}s; import errors: {errors}")
+            time.sleep(2)
+
+    def unpause(self, dag_id: str) -> None:
+        self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        run = self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
+        items = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {ti["task_id"]: ti["state"] for ti in items}
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 900, poll: float = 3, log=None) -> str:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            state = self.run_state(dag_id, run_id)
+            if log:
+                tasks = self.task_states(dag_id, run_id)
+                summary = ", ".join(f"{k}={v}" for k, v in sorted(tasks.items()))
+                if summary != last:
+                    log(f"  {dag_id} {run_id}: {state} [{summary}]")
+                    last = summary
+            if state in TERMINAL_RUN_STATES:
+                return state
+            time.sleep(poll)
+        raise AirflowApiError(f"{dag_id} run {run_id} not finished after {timeout:.0f}s: {self.task_states(dag_id, run_id)}")
+
+    def clear_tasks(self, dag_id: str, run_id: str, task_ids: list[str]) -> list[str]:
+        """Really clear (``dry_run`` false) the given tasks of a run so the scheduler runs them again."""
+        body = {"dry_run": False, "dag_run_id": run_id, "task_ids": task_ids, "only_failed": False,
+                "reset_dag_runs": True, "include_downstream": False, "include_upstream": False}
+        result = self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=body)
+        return [ti["task_id"] for ti in result.get("task_instances", [])]
+
+    def try_number(self, dag_id: str, run_id: str, task_id: str) -> int:
+        return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["try_number"]
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
+        data = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                            params={"full_content": True})
+        content = data.get("content")
+        if isinstance(content, list):
+            return "\n".join(item.get("event", "") if isinstance(item, dict) else str(item) for item in content)
+        return str(content)

@@ -1,0 +1,68 @@
+"""A Ray head node bound to loopback, with token authentication, for Ray Serve."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+from decisionflow.stack.base import Health, Service, http_ok
+
+
+class RayService(Service):
+    name = "ray"
+    start_timeout = 120
+    stop_timeout = 30
+
+    @property
+    def token_path(self) -> Path:
+        return self.ctx.data / "ray" / "auth_token"
+
+    @property
+    def temp_dir(self) -> Path:
+        # Ray puts unix sockets under its temp dir; a path under a deep checkout can exceed the 107-byte limit.
+        digest = hashlib.sha1(str(self.ctx.data).encode()).hexdigest()[:10]
+        return Path("/tmp") / f"decisionflow-ray-{digest}"
+
+    def address(self) -> str:
+        return f"{self.ctx.host}:{self.ctx.port('ray')}"
+
+    def url(self) -> str:
+        return f"http://{self.ctx.host}:{self.ctx.port('ray_dashboard')}"
+
+    def ports(self) -> list[int]:
+        return [self.ctx.port("ray"), self.ctx.port("ray_dashboard"), self.ctx.port("ray_client")]
+
+    def environment(self) -> dict[str, str]:
+        return {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray rewrites --node-ip-address 127.0.0.1 to the machine's routable IP (and binds there) unless
+            # "cluster mode" is off; off means every Ray socket stays on loopback.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+
+    def prepare(self) -> None:
+        if not self.token_path.exists():
+            self.token_path.parent.mkdir(parents=True, exist_ok=True)
+            self.token_path.write_text(secrets.token_hex(32))
+            self.token_path.chmod(0o600)
+
+    def command(self) -> list[str]:
+        return [
+            self.ctx.bin("ray"), "start", "--head", "--block",
+            "--node-ip-address", self.ctx.host,
+            "--port", str(self.ctx.port("ray")),
+            "--dashboard-host", self.ctx.host,
+            "--dashboard-port", str(self.ctx.port("ray_dashboard")),
+            "--ray-client-server-port", str(self.ctx.port("ray_client")),
+            "--temp-dir", str(self.temp_dir),
+            "--num-cpus", "2",
+            "--object-store-memory", str(512 * 1024 * 1024),
+            "--disable-usage-stats",
+        ]
+
+    def health(self) -> Health:
+        token = self.token_path.read_text().strip() if self.token_path.exists() else ""
+        return http_ok(f"{self.url()}/api/version", headers={"Authorization": f"Bearer {token}"})

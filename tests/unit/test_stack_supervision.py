@@ -1,0 +1,94 @@
+"""The supervisor starts, probes and stops a real (tiny) service by PID, and explains failures."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from decisionflow.stack.base import Health, Service, ServiceError, StackContext, http_ok, port_open
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpServer(Service):
+    name = "tiny-http"
+    start_timeout = 20
+
+    def __init__(self, ctx, port, argv=None):
+        super().__init__(ctx)
+        self._port = port
+        self._argv = argv
+
+    def command(self):
+        return self._argv or [sys.executable, "-m", "http.server", str(self._port), "--bind", "127.0.0.1"]
+
+    def ports(self):
+        return [self._port]
+
+    def health(self) -> Health:
+        return http_ok(f"http://127.0.0.1:{self._port}/")
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> StackContext:
+    return StackContext(home=tmp_path, data=tmp_path / "data")
+
+
+def test_start_is_idempotent_and_stop_frees_the_port(ctx):
+    port = free_port()
+    service = HttpServer(ctx, port)
+    try:
+        assert service.start() is True
+        service.wait_healthy()
+        pid = service.pid()
+        assert pid and port_open("127.0.0.1", port)
+        assert service.start() is False, "a second start must not launch a second process"
+        assert service.pid() == pid
+        assert service.memory_bytes() > 1_000_000
+    finally:
+        assert service.stop() is True
+    assert service.pid() is None
+    assert not port_open("127.0.0.1", port)
+    assert not service.pid_path.exists()
+    assert service.stop() is False
+
+
+def test_busy_port_is_reported_with_component_and_remedy(ctx):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        with pytest.raises(ServiceError) as err:
+            HttpServer(ctx, port).start()
+    assert "tiny-http" in str(err.value) and str(port) in str(err.value)
+    assert "DECISIONFLOW_<NAME>_PORT" in str(err.value)
+
+
+def test_crash_during_startup_names_component_and_log(ctx):
+    service = HttpServer(ctx, free_port(), argv=[sys.executable, "-c", "import sys; print('boom: bad config'); sys.exit(3)"])
+    service.start()
+    with pytest.raises(ServiceError) as err:
+        service.wait_healthy(timeout=10)
+    message = str(err.value)
+    assert message.startswith("tiny-http:")
+    assert "boom: bad config" in message
+    assert str(service.log_path) in message
+
+
+def test_stale_pid_file_is_not_trusted(ctx):
+    service = HttpServer(ctx, free_port())
+    ctx.run_dir.mkdir(parents=True)
+    # A PID that exists (ours) but with another start time: must not be taken for the service.
+    import json
+    import os
+
+    service.pid_path.write_text(json.dumps({"pid": os.getpid(), "start_time": "1"}))
+    assert service.pid() is None
+    assert service.stop() is False
