@@ -89,10 +89,11 @@ class KafkaService(Service):
         (self.home / "log4j2.properties").write_text(_LOG4J2)
         if (self.home / "data" / "meta.properties").exists():
             return
+        # `--cluster-id=<id>` in one word: a base64 id may start with '-' and would read as an option.
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         self.run_once(
             [self._java(), "-cp", self._classpath(), f"-Dlog4j2.configurationFile={self.home / 'log4j2.properties'}",
-             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.home / "server.properties")],
+             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.home / "server.properties")],
             "kafka storage format",
         )
 
