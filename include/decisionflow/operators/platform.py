@@ -12,9 +12,13 @@ if TYPE_CHECKING:
 
 
 def _import_hook(path: str):
-    from airflow.utils.module_loading import import_string
+    import importlib
 
-    return import_string(path)
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"hook_class {path!r} cannot be imported: {exc}") from exc
 
 
 class LayerCheckOperator(BaseOperator):
