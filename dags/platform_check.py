@@ -41,7 +41,9 @@ with DAG(
     max_active_runs=1,
     doc_md=__doc__,
     tags=["decisionflow", "platform", "on-call"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "owner": "platform"},
+    # A hung layer must fail (and say so), not hold on-call hostage: every check is bounded.
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "owner": "platform",
+                  "execution_timeout": timedelta(minutes=10)},
 ) as dag:
     kafka = LayerCheckOperator(task_id="kafka", hook_class="decisionflow.hooks.kafka.KafkaHook",
                                conn_id="kafka_default")

@@ -1,45 +1,19 @@
 """The whole local stack, end to end through Airflow's REST API.
 
-Brings a private stack up (own data dir, the standard ports), triggers ``platform_check``, waits for success,
-clears one task and sees it succeed again, then brings the stack down and checks nothing is left.
+Triggers ``platform_check`` on the private test stack (see conftest.py), waits for success, clears one task
+through the REST API and sees it run again and succeed.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
-
-from decisionflow.airflow_client import AirflowClient
-from decisionflow.stack import Stack, StackContext
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(1800)]
 
 DAG_ID = "platform_check"
 
 
-@pytest.fixture(scope="module")
-def stack():
-    data = Path(tempfile.mkdtemp(prefix="df-system-"))
-    ctx = StackContext(data=data)
-    stack = Stack(ctx)
-    busy = stack.listeners_left()
-    if busy:
-        pytest.fail(f"ports already in use by another process (a running `make up`? run `make down`): {busy}")
-    try:
-        stack.up(timeout=240)
-        yield stack
-    finally:
-        stack.down()
-        if os.environ.get("DF_KEEP_TEST_DATA") != "1":
-            shutil.rmtree(data, ignore_errors=True)
-
-
-def test_platform_check_end_to_end(stack):
-    client = AirflowClient.for_local_stack(stack.ctx)
+def test_platform_check_end_to_end(client):
     client.wait_for_dag(DAG_ID)
     client.unpause(DAG_ID)
     run_id = client.trigger(DAG_ID)
@@ -56,14 +30,3 @@ def test_platform_check_end_to_end(stack):
     assert state == "success"
     assert client.task_states(DAG_ID, run_id)["mlflow"] == "success"
     assert client.try_number(DAG_ID, run_id, "mlflow") == tries_before + 1
-
-
-def test_stack_down_leaves_nothing(stack):
-    services = stack.services
-    groups = [s.pid() for s in services]
-    stack.down()
-    assert stack.listeners_left() == []
-    for service, pgid in zip(services, groups):
-        assert not service.running(), service.name
-        if pgid:
-            assert service._group_members(pgid) == [], f"{service.name} left processes behind"

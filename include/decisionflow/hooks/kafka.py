@@ -150,6 +150,27 @@ class KafkaHook(CheckableHook):
         conf.setdefault("error_cb", self._error_cb)
         return Consumer(conf)
 
+    def commit_offsets(self, group_id: str, offsets: dict[tuple[str, int], int], timeout: float = 30.0) -> None:
+        """
+        Commit explicit ``{(topic, partition): next_offset}`` for ``group_id`` without consuming anything.
+
+        Used to record progress markers (e.g. "bronze holds everything before this offset") that watchers
+        compare with end offsets; the group is never used to read.
+        """
+        from confluent_kafka import TopicPartition
+
+        if not offsets:
+            return
+        consumer = self.consumer(group_id)
+        try:
+            parts = [TopicPartition(topic, partition, offset) for (topic, partition), offset in sorted(offsets.items())]
+            results = consumer.commit(offsets=parts, asynchronous=False)
+            failed = [f"{tp.topic}/{tp.partition}: {tp.error}" for tp in results or [] if tp.error]
+            if failed:
+                raise RuntimeError(f"commit of progress markers for group {group_id!r} failed: {failed}")
+        finally:
+            consumer.close()
+
     def get_conn(self) -> AdminClient:
         """BaseHook's generic accessor: the admin client."""
         return self.admin_client()

@@ -1,0 +1,40 @@
+"""Airflow Assets shared by the DAGs: what each DAG produces and what starts the next one.
+
+URIs name things, they are not paths: ``delta://lake/<table>`` is a table under the lake root of the
+``lake_default`` connection, ``kafka://decisionflow/<topic>`` a topic of ``kafka_default``.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Asset, AssetWatcher
+
+from decisionflow.contracts import CASE_NOTES, LABELS, TRANSACTIONS
+from decisionflow.triggers.kafka import KafkaBacklogTrigger
+
+SOURCE_TOPICS = [TRANSACTIONS, LABELS, CASE_NOTES]
+
+#: bronze table -> the topic it mirrors
+BRONZE_TABLES = {"bronze/transactions": TRANSACTIONS, "bronze/labels": LABELS, "bronze/case_notes": CASE_NOTES}
+
+
+def lake_asset(table: str) -> Asset:
+    return Asset(name=table.replace("/", "_"), uri=f"delta://lake/{table}", group="lakehouse")
+
+
+#: Fires when the source topics hold messages that bronze does not (see KafkaBacklogTrigger).
+KAFKA_EVENTS = Asset(
+    name="kafka_events",
+    uri="kafka://decisionflow/events",
+    group="kafka",
+    watchers=[
+        AssetWatcher(
+            name="kafka_events_backlog",
+            trigger=KafkaBacklogTrigger(topics=SOURCE_TOPICS, poll_interval=10.0),
+        )
+    ],
+)
+
+BRONZE = {table: lake_asset(table) for table in BRONZE_TABLES}
+SILVER_TRANSACTIONS = lake_asset("silver/transactions")
+GOLD = {table: lake_asset(table) for table in
+        ("gold/account_features", "gold/merchant_features", "gold/transactions_enriched")}

@@ -1,0 +1,37 @@
+"""One private local stack for all system tests: own data dir, the standard ports, brought down at the end.
+
+Test files run in name order; ``test_zz_stack_down.py`` goes last and checks that ``down`` leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from decisionflow.airflow_client import AirflowClient
+from decisionflow.stack import Stack, StackContext
+
+
+@pytest.fixture(scope="session")
+def stack():
+    data = Path(tempfile.mkdtemp(prefix="df-system-"))
+    stack = Stack(StackContext(data=data))
+    busy = stack.listeners_left()
+    if busy:
+        pytest.fail(f"ports already in use by another process (a running `make up`? run `make down`): {busy}")
+    try:
+        stack.up(timeout=300)
+        yield stack
+    finally:
+        stack.down()
+        if os.environ.get("DF_KEEP_TEST_DATA") != "1":
+            shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def client(stack) -> AirflowClient:
+    return AirflowClient.for_local_stack(stack.ctx)
