@@ -19,6 +19,7 @@ from decisionflow.stack import Stack, StackContext
 @pytest.fixture(scope="session")
 def stack():
     data = Path(tempfile.mkdtemp(prefix="df-system-"))
+    data.chmod(0o755)  # PostgreSQL runs as the 'postgres' user when we are root: it must enter the dir
     stack = Stack(StackContext(data=data))
     busy = stack.listeners_left()
     if busy:

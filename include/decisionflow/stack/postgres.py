@@ -62,7 +62,21 @@ class PostgresService(Service):
     def popen_kwargs(self) -> dict:
         return self._run_as()
 
+    def _check_reachable(self) -> None:
+        """As root the server runs as 'postgres': every parent of the cluster dir must let it through."""
+        if os.geteuid() != 0:
+            return
+        for parent in self.cluster_dir.parents:
+            if parent.exists() and not parent.stat().st_mode & 0o001:
+                raise ServiceError(
+                    self.name,
+                    f"the 'postgres' user cannot enter {parent} (mode {oct(parent.stat().st_mode & 0o777)}); "
+                    f"allow it with `chmod o+x {parent}` or move the data dir (DECISIONFLOW_DATA)",
+                    self.log_path,
+                )
+
     def prepare(self) -> None:
+        self._check_reachable()
         self.socket_dir.mkdir(parents=True, exist_ok=True)
         self._chown(self.socket_dir)
         if (self.cluster_dir / "PG_VERSION").exists():
