@@ -7,6 +7,7 @@
     decisionflow env                     shell exports for the airflow CLI against this stack
     decisionflow settings validate|load [--file F]
     decisionflow trigger DAG_ID [--wait] [--timeout S]   unpause + trigger through the REST API
+    decisionflow produce --events N --rate R --seed S ...  seeded transaction-risk events into Kafka
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("action", choices=["validate", "load"])
     settings.add_argument("--file")
     settings.set_defaults(func=cmd_settings)
+    sub.add_parser("produce", help="seeded transaction-risk events into Kafka (see `produce --help`)", add_help=False)
     trigger = sub.add_parser("trigger", help="unpause and trigger a DAG through the REST API")
     trigger.add_argument("dag_id")
     trigger.add_argument("--wait", action="store_true", help="wait for the run to finish; non-zero unless success")
@@ -144,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["produce"]:
+        # The generator owns its (long) option list; see `decisionflow produce --help`.
+        from decisionflow.risk.generator import main as produce_main
+
+        return produce_main(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
