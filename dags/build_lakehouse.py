@@ -45,7 +45,7 @@ with DAG(
     silver = DeltaSparkSubmitOperator(
         task_id="silver",
         application=str(JOBS / "build_lakehouse.py"),
-        application_args=["--stage", "silver"],
+        application_args=["--stage", "silver", "--no-migrate"],
         name="build_silver",
         outlets=[SILVER_TRANSACTIONS],
         execution_timeout=timedelta(hours=1),
@@ -53,7 +53,7 @@ with DAG(
     gold = DeltaSparkSubmitOperator(
         task_id="gold",
         application=str(JOBS / "build_lakehouse.py"),
-        application_args=["--stage", "gold"],
+        application_args=["--stage", "gold", "--no-migrate"],
         name="build_gold",
         outlets=list(GOLD.values()),
         execution_timeout=timedelta(hours=1),
