@@ -27,6 +27,8 @@ _DEFAULT_PORTS = {
     "ray": 6380,  # not 6379: that one belongs to Redis, an optional Feast online store
     "ray_dashboard": 8265,
     "ray_client": 10001,
+    # Ray's agent defaults to a fixed port: two Ray clusters on one machine collide unless it is set.
+    "ray_dashboard_agent": 52365,
 }
 
 

@@ -31,7 +31,7 @@ class RayService(Service):
         return f"http://{self.ctx.host}:{self.ctx.port('ray_dashboard')}"
 
     def ports(self) -> list[int]:
-        return [self.ctx.port("ray"), self.ctx.port("ray_dashboard"), self.ctx.port("ray_client")]
+        return [self.ctx.port(name) for name in ("ray", "ray_dashboard", "ray_client", "ray_dashboard_agent")]
 
     def environment(self) -> dict[str, str]:
         return {
@@ -57,6 +57,7 @@ class RayService(Service):
             "--dashboard-host", self.ctx.host,
             "--dashboard-port", str(self.ctx.port("ray_dashboard")),
             "--ray-client-server-port", str(self.ctx.port("ray_client")),
+            "--dashboard-agent-listen-port", str(self.ctx.port("ray_dashboard_agent")),
             "--temp-dir", str(self.temp_dir),
             "--num-cpus", "2",
             "--object-store-memory", str(512 * 1024 * 1024),
