@@ -29,6 +29,9 @@ _DEFAULT_PORTS = {
     "ray_client": 10001,
     # Ray's agent defaults to a fixed port: two Ray clusters on one machine collide unless it is set.
     "ray_dashboard_agent": 52365,
+    "ray_dashboard_agent_grpc": 52366,
+    "ray_runtime_env_agent": 52367,
+    "ray_metrics_export": 52368,
 }
 
 

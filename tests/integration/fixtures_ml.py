@@ -188,7 +188,9 @@ def ray_command(ports: dict[str, int], temp_dir: Path, token_path: Path, num_cpu
         "--ray-client-server-port", str(ports["client"]),
         # Pre-assigned agent ports: with port 0 the raylet waits a hard-coded ~15 s for the Python agents to
         # publish theirs in port files and aborts ("Timed out waiting for file .../metrics_agent_port_<node>")
-        # when they import slower than that, as they do on a loaded 2-CPU box.
+        # when they import slower than that, as they do on a loaded 2-CPU box. The dashboard agent's listen
+        # port file is awaited even when pinned (the raylet is not told it): see ray_head's retries.
+        # The listen port must be pinned anyway: its default (52365) collides with any other Ray on the box.
         "--dashboard-agent-listen-port", str(ports["agent"]),
         "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
         "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
@@ -202,6 +204,8 @@ def ray_command(ports: dict[str, int], temp_dir: Path, token_path: Path, num_cpu
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         "RAY_USAGE_STATS_ENABLED": "0",
+        # As in stack/ray.py: without it Ray rewrites --node-ip-address 127.0.0.1 to the routable IP.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     return argv, env
 
@@ -246,6 +250,27 @@ def _start_ray_head(root: Path, token_path: Path, num_cpus: int) -> tuple[subpro
     return process, head, error
 
 
+def wait_for_quieter_machine(max_wait: float = 180.0) -> None:
+    """Ray's start-up has hard 15 s windows; give it a chance by not starting at a load peak (bounded wait)."""
+    limit = 3 * (os.cpu_count() or 1)
+    deadline = time.monotonic() + max_wait
+    while os.getloadavg()[0] > limit and time.monotonic() < deadline:
+        time.sleep(5)
+
+
+def _raylet_abort(head: RayHead) -> str:
+    """The raylet's own reason when it aborted (it logs a CHECK failure, ``ray start`` only says "timed out")."""
+    for name in ("raylet.out", "raylet.err"):
+        path = head.temp_dir / "session_latest" / "logs" / name
+        try:
+            for line in path.read_text(errors="replace").splitlines():
+                if "Check failed" in line or "Timed out waiting for file" in line:
+                    return f"raylet aborted: {line[line.find('Check failed'):][:300]}\n"
+        except OSError:
+            continue
+    return ""
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory) -> Iterator[RayHead]:
     """A token-authenticated Ray head on free ports.
@@ -261,13 +286,14 @@ def ray_head(tmp_path_factory) -> Iterator[RayHead]:
     errors = []
     attempts = 5
     for _attempt in range(attempts):
+        wait_for_quieter_machine()
         process, head, error = _start_ray_head(root, token_path, num_cpus=1)
         if error is None:
             break
-        errors.append(error[-2500:])
+        errors.append(f"[load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs] {_raylet_abort(head)}"
+                      f"{error[-2000:]}")
         stop_group(process, grace=30)
         shutil.rmtree(head.temp_dir, ignore_errors=True)
-        time.sleep(5)
     else:
         pytest.fail(f"ray head did not start in {attempts} attempts:\n" + "\n=====\n".join(errors))
     try:

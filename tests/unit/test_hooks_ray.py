@@ -215,6 +215,10 @@ def test_connect_sets_and_restores_auth_env(monkeypatch, home):
         seen["env"] = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
         return "ctx"
 
+    from ray._private import ray_constants
+
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)  # restored after the test
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr("decisionflow.hooks.ray._port_open", lambda host, port: True)
     monkeypatch.setattr(ray, "init", fake_init)
@@ -225,6 +229,9 @@ def test_connect_sets_and_restores_auth_env(monkeypatch, home):
     assert seen["kwargs"] == {"address": "127.0.0.1:6380", "namespace": "decisionflow", "log_to_driver": False}
     assert seen["env"] == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), "RAY_AUTH_TOKEN": None}
     assert seen["shutdown"] is True
+    # A loopback head runs with Ray's cluster mode off; the driver must agree (see stack/ray.py).
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
     assert os.environ["RAY_AUTH_TOKEN"] == "stale-token-from-the-shell"
     assert "RAY_AUTH_TOKEN_PATH" not in os.environ and "RAY_AUTH_MODE" not in os.environ
 

@@ -94,10 +94,17 @@ def test_crash_during_startup_names_component_and_log(ctx):
 def test_stale_pid_file_is_not_trusted(ctx):
     service = HttpServer(ctx, free_port())
     ctx.run_dir.mkdir(parents=True)
-    # A PID that exists (ours) but with another start time: must not be taken for the service.
+    # A PID that exists (a process of ours, not a group leader) but with another start time: a reused PID
+    # must not be taken for the service, nor stopped.
     import json
-    import os
+    import subprocess
 
-    service.pid_path.write_text(json.dumps({"pid": os.getpid(), "start_time": "1"}))
-    assert service.pid() is None
-    assert service.stop() is False
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        service.pid_path.write_text(json.dumps({"pid": other.pid, "start_time": "1"}))
+        assert service.pid() is None
+        assert service.stop() is False
+        assert other.poll() is None, "an unrelated process was signalled"
+    finally:
+        other.kill()
+        other.wait()

@@ -211,7 +211,8 @@ class RayHook(CheckableHook):
         open (it belongs to someone else).
 
         The auth variables are exported to ``os.environ`` for the duration (Ray's C++ core reads them there)
-        and restored afterwards.
+        and restored afterwards. For a loopback host, Ray's "cluster mode" is switched off in this process
+        (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, left set), as for the local head in ``stack/ray.py``.
         """
         import ray
 

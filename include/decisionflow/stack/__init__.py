@@ -65,8 +65,7 @@ class Stack:
 
     # -- up -----------------------------------------------------------------------------------------------
     def _bring_up(self, service: Service, timeout: float | None) -> None:
-        started = service.start()
-        service.wait_healthy(timeout)
+        started = service.start_and_wait(timeout)
         service.after_start()
         self.log(f"  {service.name:<22} {'started' if started else 'already running'}, healthy  {service.url()}")
 

@@ -120,6 +120,8 @@ class Service(ABC):
     start_timeout: float = 90.0
     #: Seconds between SIGTERM and SIGKILL on stop.
     stop_timeout: float = 20.0
+    #: Launches tried when the process dies during start-up (for services with known start-up races).
+    start_attempts: int = 1
 
     def __init__(self, ctx: StackContext):
         self.ctx = ctx
@@ -217,6 +219,19 @@ class Service(ABC):
         self.pid_path.write_text(json.dumps({"pid": process.pid, "start_time": _proc_start_time(process.pid)}))
         return True
 
+    def start_and_wait(self, timeout: float | None = None) -> bool:
+        """``start`` + ``wait_healthy``, relaunching up to ``start_attempts`` times if start-up crashes."""
+        for attempt in range(1, self.start_attempts + 1):
+            started = self.start()
+            try:
+                self.wait_healthy(timeout)
+                return started
+            except ServiceError:
+                if attempt == self.start_attempts or self.running():
+                    raise
+                self.stop()  # clean up what the failed attempt left, then try again
+        return False
+
     def wait_healthy(self, timeout: float | None = None) -> None:
         deadline = time.monotonic() + (timeout or self.start_timeout)
         last = Health(False, "not probed yet")
@@ -235,8 +250,13 @@ class Service(ABC):
         """Stop our process group: SIGTERM, then SIGKILL after ``stop_timeout``. True if something was stopped."""
         pid = self.pid()
         if pid is None:
-            self.pid_path.unlink(missing_ok=True)
-            return False
+            # The leader may be gone while children it spawned (same process group) live on: a process
+            # group id cannot be reused while any member exists, so they are still ours to stop.
+            record = self._read_pid()
+            if not record or not self._group_alive(record[0]):
+                self.pid_path.unlink(missing_ok=True)
+                return False
+            pid = record[0]
         self._signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
         while time.monotonic() < deadline and self._group_alive(pid):

@@ -11,8 +11,14 @@ from decisionflow.stack.base import Health, Service, http_ok
 
 class RayService(Service):
     name = "ray"
-    start_timeout = 120
-    stop_timeout = 30
+    start_timeout = 180
+    # The node drains for up to 30 s after SIGTERM before its processes exit.
+    stop_timeout = 60
+    # On a busy machine the raylet can give up waiting for its dashboard agent and abort the start.
+    start_attempts = 3
+
+    _PORTS = ("ray", "ray_dashboard", "ray_client", "ray_dashboard_agent", "ray_dashboard_agent_grpc",
+              "ray_runtime_env_agent", "ray_metrics_export")
 
     @property
     def token_path(self) -> Path:
@@ -31,7 +37,7 @@ class RayService(Service):
         return f"http://{self.ctx.host}:{self.ctx.port('ray_dashboard')}"
 
     def ports(self) -> list[int]:
-        return [self.ctx.port(name) for name in ("ray", "ray_dashboard", "ray_client", "ray_dashboard_agent")]
+        return [self.ctx.port(name) for name in self._PORTS]
 
     def environment(self) -> dict[str, str]:
         return {
@@ -57,7 +63,11 @@ class RayService(Service):
             "--dashboard-host", self.ctx.host,
             "--dashboard-port", str(self.ctx.port("ray_dashboard")),
             "--ray-client-server-port", str(self.ctx.port("ray_client")),
+            # Pinned: Ray's defaults for these are fixed ports another Ray on the machine may hold.
             "--dashboard-agent-listen-port", str(self.ctx.port("ray_dashboard_agent")),
+            "--dashboard-agent-grpc-port", str(self.ctx.port("ray_dashboard_agent_grpc")),
+            "--runtime-env-agent-port", str(self.ctx.port("ray_runtime_env_agent")),
+            "--metrics-export-port", str(self.ctx.port("ray_metrics_export")),
             "--temp-dir", str(self.temp_dir),
             "--num-cpus", "2",
             "--object-store-memory", str(512 * 1024 * 1024),
@@ -65,5 +75,12 @@ class RayService(Service):
         ]
 
     def health(self) -> Health:
+        # The dashboard answers before the raylet has registered: wait for ray start's own verdict first.
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            log = ""
+        if "Ray runtime started" not in log[log.rfind("\n=== "):]:
+            return Health(False, "ray start has not reported 'Ray runtime started' yet")
         token = self.token_path.read_text().strip() if self.token_path.exists() else ""
         return http_ok(f"{self.url()}/api/version", headers={"Authorization": f"Bearer {token}"})
