@@ -39,6 +39,8 @@ with DAG(
     max_active_runs=1,  # one writer per streaming checkpoint
     doc_md=__doc__,
     tags=["decisionflow", "lakehouse", "bronze", "kafka"],
+    # Records per micro-batch and topic: bounds memory and what a crash re-reads ("Trigger DAG w/ config").
+    params={"max_offsets_per_trigger": 200_000},
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"},
 ) as dag:
     ensure_topics = KafkaEnsureTopicsOperator(task_id="ensure_topics")
@@ -46,6 +48,7 @@ with DAG(
         task_id="ingest_bronze",
         application=str(Path(decisionflow.jobs.__file__).parent / "ingest_bronze.py"),
         name="ingest_bronze",
+        application_args=["--max-offsets-per-trigger", "{{ params.max_offsets_per_trigger }}"],
         execution_timeout=timedelta(hours=1),
         outlets=list(BRONZE.values()),
     )

@@ -15,3 +15,20 @@ if "AIRFLOW_HOME" not in os.environ:
     os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{_home / 'airflow.db'}"
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(_PROJECT / "dags"))
+
+import pytest  # noqa: E402
+
+#: Test files written but not yet seen green on a clean clone: marked `pending`, so `make test` leaves them out
+#: and `make test-pending` runs them. A file leaves this list once it passes there (see the issue notes).
+PENDING_FILES = {
+    "tests/integration/test_bronze_ingest.py",
+    "tests/integration/test_lakehouse_silver_gold.py",
+    "tests/system/test_lakehouse_pipeline.py",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(item.fspath).resolve().relative_to(_PROJECT).as_posix() in PENDING_FILES:
+            item.add_marker(pytest.mark.pending)

@@ -80,6 +80,9 @@ class AirflowClient:
     def unpause(self, dag_id: str) -> None:
         self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
 
+    def pause(self, dag_id: str) -> None:
+        self.request("PATCH", f"/dags/{dag_id}", json={"is_paused": True})
+
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         run = self.request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
         return run["dag_run_id"]
@@ -106,6 +109,28 @@ class AirflowClient:
                 return state
             time.sleep(poll)
         raise AirflowApiError(f"{dag_id} run {run_id} not finished after {timeout:.0f}s: {self.task_states(dag_id, run_id)}")
+
+    def runs(self, dag_id: str, limit: int = 50) -> list[dict]:
+        """Most recent runs first."""
+        return self.request("GET", f"/dags/{dag_id}/dagRuns",
+                            params={"order_by": "-run_after", "limit": limit})["dag_runs"]
+
+    def wait_for_run_after(self, dag_id: str, after: str, timeout: float = 900, poll: float = 5,
+                           log=None) -> dict:
+        """Wait for a run of ``dag_id`` queued at or after ``after`` (ISO time) to succeed; fail if one fails."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fresh = [r for r in self.runs(dag_id) if (r.get("run_after") or r.get("queued_at") or "") >= after]
+            for run in sorted(fresh, key=lambda r: r.get("run_after") or ""):
+                if run["state"] == "success":
+                    return run
+                if run["state"] == "failed":
+                    raise AirflowApiError(f"{dag_id} run {run['dag_run_id']} failed: "
+                                          f"{self.task_states(dag_id, run['dag_run_id'])}")
+            if log and fresh:
+                log(f"  {dag_id}: {[(r['dag_run_id'], r['state']) for r in fresh]}")
+            time.sleep(poll)
+        raise AirflowApiError(f"no successful {dag_id} run queued after {after} within {timeout:.0f}s")
 
     def clear_tasks(self, dag_id: str, run_id: str, task_ids: list[str]) -> list[str]:
         """Really clear (``dry_run`` false) the given tasks of a run so the scheduler runs them again."""
