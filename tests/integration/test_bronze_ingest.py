@@ -5,7 +5,8 @@
   ``DeltaSparkSubmitOperator``, as a DAG runs it) must land exactly the topic's records, value bytes equal
   (sha256), tombstones as NULL; a rerun adds nothing; after more messages (and a lost checkpoint) only those.
 * ``test_bronze_survives_sigkill_mid_run``: a 50k-message backlog in small micro-batches, the whole
-  spark-submit process group SIGKILLed while a batch is in flight, then a rerun: no loss, no duplicates.
+  spark-submit process group SIGKILLed twice (once after Delta committed a batch the checkpoint had not,
+  once with a batch planned but not written), then a clean run: no loss, no duplicates.
 * ``test_missing_topic_fails_with_the_remedy``.
 
 The broker is the shared private one of ``fixtures_kafka`` (other modules may have written the same topics
@@ -299,6 +300,13 @@ def _assert_no_committed_offsets(bootstrap: str) -> None:
 
 
 def test_bronze_survives_sigkill_mid_run(kafka_broker, tmp_path):
+    """Two crashes, one in each dangerous place, then a clean run: bronze == the topics, exactly.
+
+    1. SIGKILL when the Delta table already holds batch N but the checkpoint has no ``commits/N`` yet: the
+       restarted query re-plans N with the same offsets and the Delta sink must skip it (else duplicates).
+    2. SIGKILL while batch N is planned (``offsets/N``) but neither in Delta nor committed: the restarted
+       query must write N (else loss).
+    """
     bootstrap = kafka_broker.bootstrap_servers
     lake = tmp_path / "lake"
     ensure_topics(bootstrap, SOURCE_TOPICS)
@@ -315,48 +323,56 @@ def test_bronze_survives_sigkill_mid_run(kafka_broker, tmp_path):
     def numbered(folder: Path) -> int:
         return sum(1 for p in folder.glob("[0-9]*")) if folder.is_dir() else 0
 
-    # small micro-batches: ~10+ batches for the transactions topic alone
-    argv = _argv(lake, tmp_path, "--lake-root", str(lake), "--bootstrap-servers", bootstrap,
-                 "--max-offsets-per-trigger", "4000", "--summary-path", str(tmp_path / "killed.json"))
-    log = open(tmp_path / "killed.log", "wb")
-    process = subprocess.Popen(argv, env=_spark_env(lake, bootstrap), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # its own process group: spark-submit JVM + Python driver
-    # Kill after >= 1 committed batch, preferably in the narrow window where the Delta table already holds
-    # batch N but the checkpoint has no commits/N yet (the rerun must skip N, not write it twice); if that
-    # window is not caught by the time 3 batches are committed, kill while a batch is in flight (the rerun
-    # must write it, not lose it).
-    state = None
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and process.poll() is None:
-            done, planned = numbered(commits), numbered(offsets)
-            delta_batches = len(list(delta_log.glob("*.json"))) - 1  # version 0 is the CREATE TABLE
-            if done >= 1 and (delta_batches > done or (done >= 3 and planned > done)):
-                os.killpg(process.pid, signal.SIGKILL)
-                state = {}
-                break
-            time.sleep(0.003)
-    finally:
-        if process.poll() is None and state is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=60)
-        log.close()
-    assert state is not None, ("the job ended before a batch was in flight: "
-                               + (tmp_path / "killed.log").read_text()[-3000:])
-    # what the dead job left behind (read after its death: the last files it wrote count)
-    state = {"commits": numbered(commits), "offsets": numbered(offsets),
-             "delta_batches": len(list(delta_log.glob("*.json"))) - 1}
-    state["window"] = ("delta ahead of checkpoint" if state["delta_batches"] > state["commits"] else
-                       "batch in flight" if state["offsets"] > state["commits"] else "between batches")
-    assert process.returncode == -signal.SIGKILL
-    assert not (tmp_path / "killed.json").exists()  # it never got to the summary
-    partial = _read_bronze(lake / "bronze" / "transactions")
-    keys = _keys(partial)
-    assert len(keys) == len(set(keys)), "duplicates even before the rerun"
-    assert 0 < len(keys) < expected_rows[TRANSACTIONS], (len(keys), expected_rows[TRANSACTIONS])
-    print(f"\n[kill] SIGKILL ({state['window']}): checkpoint has {state['commits']} committed batch(es) and "
-          f"{state['offsets']} planned, the Delta table {state['delta_batches']} batch commit(s); transactions "
-          f"rows in bronze at the kill: {len(keys)} of {expected_rows[TRANSACTIONS]}")
+    def progress() -> dict:
+        return {"commits": numbered(commits), "offsets": numbered(offsets),
+                "delta_batches": max(0, len(list(delta_log.glob("*.json"))) - 1)}  # version 0: CREATE TABLE
+
+    def run_and_kill(name: str, should_kill) -> dict:
+        """Start the job (small micro-batches: ~12 for transactions alone), SIGKILL its process group as soon
+        as ``should_kill(progress)``; return what the dead job left behind."""
+        argv = _argv(lake, tmp_path, "--lake-root", str(lake), "--bootstrap-servers", bootstrap,
+                     "--max-offsets-per-trigger", "4000", "--summary-path", str(tmp_path / f"{name}.json"))
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            # its own process group: the spark-submit JVM and the Python driver die together
+            process = subprocess.Popen(argv, env=_spark_env(lake, bootstrap), stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            killed = False
+            try:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline and process.poll() is None:
+                    if should_kill(progress()):
+                        os.killpg(process.pid, signal.SIGKILL)
+                        killed = True
+                        break
+                    time.sleep(0.003)
+            finally:
+                if process.poll() is None and not killed:
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=60)
+        assert killed, f"{name}: the job ended first: " + (tmp_path / f"{name}.log").read_text()[-3000:]
+        assert process.returncode == -signal.SIGKILL
+        assert not (tmp_path / f"{name}.json").exists()  # it never got to its summary
+        state = progress()  # read after its death: the last files it wrote count
+        state["window"] = ("Delta ahead of the checkpoint" if state["delta_batches"] > state["commits"] else
+                           "batch in flight" if state["offsets"] > state["commits"] else "between batches")
+        keys = _keys(_read_bronze(lake / "bronze" / "transactions"))
+        assert len(keys) == len(set(keys)), f"{name}: duplicates in bronze"
+        state["rows"] = len(keys)
+        print(f"\n[kill] {name}: SIGKILL ({state['window']}): checkpoint {state['commits']} committed / "
+              f"{state['offsets']} planned batch(es), Delta {state['delta_batches']} batch commit(s); "
+              f"transactions rows in bronze: {len(keys)} of {expected_rows[TRANSACTIONS]}")
+        return state
+
+    # 1: Delta has batch N, the checkpoint not (falls back to "in flight" if that window is never seen)
+    first = run_and_kill("kill-1", lambda p: p["commits"] >= 1 and (
+        p["delta_batches"] > p["commits"] or (p["commits"] >= 3 and p["offsets"] > p["commits"])))
+    assert 0 < first["rows"] < expected_rows[TRANSACTIONS]
+    # 2: the restarted job has written at least one new batch (after skipping the replayed one) and planned
+    # the next, not yet in Delta
+    second = run_and_kill("kill-2", lambda p: p["delta_batches"] > first["delta_batches"] and
+                          p["offsets"] > p["commits"] == p["delta_batches"])
+    assert second["window"] == "batch in flight", second
+    assert first["rows"] < second["rows"] < expected_rows[TRANSACTIONS]
 
     rerun = subprocess.run(_argv(lake, tmp_path, "--lake-root", str(lake), "--bootstrap-servers", bootstrap,
                                  "--max-offsets-per-trigger", "20000"),
@@ -365,10 +381,10 @@ def test_bronze_survives_sigkill_mid_run(kafka_broker, tmp_path):
     summary = _summary_line(rerun.stdout)
     assert summary["ok"] is True, summary
     assert summary["tables"]["transactions"]["start"] == "checkpoint"
-    assert summary["tables"]["transactions"]["rows_added"] == expected_rows[TRANSACTIONS] - len(keys)
+    assert summary["tables"]["transactions"]["rows_added"] == expected_rows[TRANSACTIONS] - second["rows"]
     tables = _reconcile(lake, bootstrap, truth, baseline)  # no loss, no duplicates, same bytes
     assert {t: len(rows) for t, rows in tables.items()} == expected_rows
-    print(f"[kill] rerun added {summary['rows_added']} rows in {summary['total_s']:.0f}s; bronze now holds "
+    print(f"[kill] final run added {summary['rows_added']} rows in {summary['total_s']:.0f}s; bronze now holds "
           f"exactly the produced set: {expected_rows}")
 
 

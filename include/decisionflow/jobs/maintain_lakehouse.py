@@ -106,9 +106,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def setup_logging() -> None:
+    """decisionflow's INFO lines (per-batch accounting, statements run) to stderr; the root logger, which
+    PySpark may already have configured, is left alone."""
+    logger = logging.getLogger("decisionflow")
+    if not any(getattr(h, "_decisionflow", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._decisionflow = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     summary = run(args)
     line = json.dumps(summary, sort_keys=True, default=str)
     print(line, flush=True)
