@@ -23,12 +23,12 @@ lineage a training run records), per-stage details and timings. A failed quality
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
 import time
 from typing import Any
+
+from decisionflow.jobs._app import describe_error, emit_summary, get_session, setup_logging
 
 JOB_NAME = "build_lakehouse"
 ENV_LAKE_ROOT = "DECISIONFLOW_LAKE_ROOT"
@@ -51,21 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.lake_root:
         parser.error(f"no lake root: pass --lake-root or set {ENV_LAKE_ROOT}")
     return args
-
-
-def get_session():
-    """``(session, owned)``: the session spark-submit configured, an already active one (in-process callers
-    such as tests; not ours to stop), or (plain ``python``) a new local one with the decisionflow setup."""
-    from pyspark.sql import SparkSession
-
-    if "PYSPARK_GATEWAY_PORT" in os.environ and SparkSession.getActiveSession() is None:
-        return SparkSession.builder.appName(JOB_NAME).getOrCreate(), True
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active, False
-    from decisionflow.spark.conf import local_spark_session
-
-    return local_spark_session(JOB_NAME), True
 
 
 def table_lines(silver: dict[str, Any], gold: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -94,7 +79,6 @@ def table_lines(silver: dict[str, Any], gold: dict[str, Any]) -> dict[str, dict[
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from decisionflow.jobs.platform_check_lakehouse import describe_error
     from decisionflow.lakehouse import gold, maintenance, silver
     from decisionflow.lakehouse.quality import QualityGateError
 
@@ -104,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gold_summary: dict[str, Any] = {}
     spark, owned = None, False
     try:
-        spark, owned = get_session()
+        spark, owned = get_session(JOB_NAME)
         summary["spark_version"] = spark.version
         summary["session_s"] = round(time.monotonic() - started, 2)
         if not args.no_migrate:
@@ -140,32 +124,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def setup_logging() -> None:
-    """decisionflow's INFO lines (per-batch accounting, statements run) to stderr; the root logger, which
-    PySpark may already have configured, is left alone."""
-    logger = logging.getLogger("decisionflow")
-    if not any(getattr(h, "_decisionflow", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._decisionflow = True
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    summary = run(args)
-    line = json.dumps(summary, sort_keys=True, default=str)
-    print(line, flush=True)
-    if args.summary_path:
-        with open(args.summary_path, "w") as handle:
-            handle.write(line + "\n")
-    if not summary["ok"]:
-        print(f"{JOB_NAME} FAILED: {summary['error']}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return emit_summary(JOB_NAME, run(args), args.summary_path)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ Idempotent: every run overwrites the table first, so reruns only add two commits
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 import uuid
 from typing import Any
+
+from decisionflow.jobs._app import describe_error, emit_summary
 
 ENV_LAKE_ROOT = "DECISIONFLOW_LAKE_ROOT"  # the same names as decisionflow.spark.conf; this file imports only pyspark
 ENV_KAFKA_BOOTSTRAP = "DECISIONFLOW_KAFKA_BOOTSTRAP_SERVERS"
@@ -69,20 +70,6 @@ def get_session():
     from decisionflow.spark.conf import local_spark_session
 
     return local_spark_session(CHECK_NAME)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for a failure: the root cause of a JVM exception (Py4J / captured), else the first line."""
-    java = getattr(exc, "java_exception", None) or getattr(exc, "_origin", None)
-    if java is not None:
-        try:
-            while java.getCause() is not None:
-                java = java.getCause()
-            return str(java.toString())
-        except Exception:  # noqa: BLE001 - the gateway may already be gone; fall back to the Python text
-            pass
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _expect(condition: bool, message: str) -> None:
@@ -182,16 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    summary = run(args)
-    line = json.dumps(summary, sort_keys=True, default=str)
-    print(line, flush=True)
-    if args.summary_path:
-        with open(args.summary_path, "w") as handle:
-            handle.write(line + "\n")
-    if not summary["ok"]:
-        print(f"{CHECK_NAME} FAILED: {summary['error']}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return emit_summary(CHECK_NAME, run(args), args.summary_path)
 
 
 if __name__ == "__main__":
