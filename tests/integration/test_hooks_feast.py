@@ -39,18 +39,22 @@ def test_apply_the_project_repo(monkeypatch, tmp_path):
     applied = hook.apply()
     assert applied["project"] == "decisionflow"
     assert applied["entities"] == ["account", "merchant"]
-    assert applied["feature_views"] == ["account_activity_placeholder"]
+    assert applied["feature_views"] == ["account_features", "merchant_features"]
+    assert applied["on_demand_feature_views"] == ["transaction_context"]
+    assert applied["feature_services"] == ["risk_v1"]
     assert (tmp_path / "feast" / "registry.db").is_file()
     assert os.getcwd() == cwd, "apply must restore the working directory"
     store = hook.get_store()
     assert sorted(e.name for e in store.list_entities()) == ["account", "merchant"]
-    (view,) = store.list_feature_views()
-    assert view.entities == ["account"]
-    assert sorted(f.name for f in view.features) == ["amount_sum_7d", "txn_count_7d"]
+    views = {view.name: view for view in store.list_feature_views()}
+    assert views["account_features"].entities == ["account"]
+    assert views["merchant_features"].entities == ["merchant"]
+    assert len(views["account_features"].features) == 12
+    assert {"merchant_fraud_rate", "merchant_labels_known"} <= {f.name for f in views["merchant_features"].features}
     # The sqlite online store got a table for the view.
     with sqlite3.connect(tmp_path / "feast" / "online.db") as db:
         tables = [row[0] for row in db.execute("select name from sqlite_master where type='table'")]
-    assert "decisionflow_account_activity_placeholder" in tables
+    assert {"decisionflow_account_features", "decisionflow_merchant_features"} <= set(tables)
     # Idempotent.
     assert hook.apply() == applied
 
@@ -60,8 +64,8 @@ def test_platform_check(monkeypatch, tmp_path):
     assert result["project"] == "decisionflow"
     assert result["online_store"] == "sqlite"
     assert result["entities"] == ["account", "merchant"]
-    assert result["feature_views"] == ["account_activity_placeholder"]
-    assert result["online_read"] == "ok (account_activity_placeholder:txn_count_7d)"
+    assert result["feature_views"] == ["account_features", "merchant_features"]
+    assert result["online_read"] == "ok (account_features:txn_count_1h)"
     assert result["registry"] == str(tmp_path / "feast" / "registry.db")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 from airflow.sdk import Connection
@@ -54,6 +53,7 @@ def test_repo_config_dict_resolves_local_paths(monkeypatch, home):
         "entity_key_serialization_version": 3,
         "registry": str(home / ".data" / "feast" / "registry.db"),
         "online_store": {"type": "sqlite", "path": str(home / ".data" / "feast" / "online.db")},
+        "offline_store": {"type": "decisionflow.features.offline_store.DeltaLakeOfflineStore"},
         "repo_path": str(home / "include" / "feature_repo"),
     }
 
@@ -74,6 +74,9 @@ def test_defaults_when_extra_is_minimal(monkeypatch, home):
     assert settings["project"] == "decisionflow"
     assert settings["registry"] == str(home / ".data" / "feast" / "registry.db")
     assert settings["online_store"] == {"type": "sqlite", "path": str(home / ".data" / "feast" / "online.db")}
+    # Delta sources read at their current snapshot unless the connection says otherwise.
+    assert settings["offline_store"] == {"type": "decisionflow.features.offline_store.DeltaLakeOfflineStore"}
+    assert type(hook.get_repo_config().offline_store).__name__ == "DeltaLakeOfflineStoreConfig"
     assert hook.repo_path == home / "include" / "feature_repo"
 
 
@@ -88,28 +91,7 @@ def test_absolute_paths_are_kept(monkeypatch, home, tmp_path):
     assert settings["online_store"]["path"] == str(tmp_path / "o.db")
 
 
-@pytest.fixture
-def fake_redis(monkeypatch):
-    """Just enough of the ``redis`` package for feast's redis online store module to import (it is not installed)."""
-    for name in REDIS_MODULES:
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    redis = types.ModuleType("redis")
-    redis.Redis = type("Redis", (), {})
-    redis.asyncio = types.ModuleType("redis.asyncio")
-    redis.asyncio.Redis = type("AsyncRedis", (), {})
-    redis.asyncio.RedisCluster = type("AsyncRedisCluster", (), {})
-    cluster = types.ModuleType("redis.cluster")
-    cluster.ClusterNode = type("ClusterNode", (), {})
-    cluster.RedisCluster = type("RedisCluster", (), {})
-    sentinel = types.ModuleType("redis.sentinel")
-    sentinel.Sentinel = type("Sentinel", (), {})
-    for module in (redis, redis.asyncio, cluster, sentinel):
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-    yield
-    sys.modules.pop("feast.infra.online_stores.redis", None)  # it was bound to the fake
-
-
-def test_redis_online_store_is_a_connection_edit(monkeypatch, home, fake_redis):
+def test_redis_online_store_is_a_connection_edit(monkeypatch, home):
     extra = {**EXTRA, "online_store": {"type": "redis", "connection_string": "127.0.0.1:6379,db=2"}}
     hook = make_hook(monkeypatch, extra)
     assert hook.repo_config_dict()["online_store"] == {"type": "redis", "connection_string": "127.0.0.1:6379,db=2"}

@@ -7,8 +7,12 @@ The connection (``feast_default``), ``conn_type`` ``feast``, keeps everything in
       "project": "decisionflow",
       "registry": ".data/feast/registry.db",           # or {"registry_type": "sql", "path": "postgresql://..."}
       "online_store": {"type": "sqlite", "path": ".data/feast/online.db"},
-      "offline_store": {"type": "dask"}                # optional; Feast's default is dask
+      "offline_store": {"type": "decisionflow.features.offline_store.DeltaLakeOfflineStore"}   # the default
     }
+
+The default offline store reads the gold Delta tables at their current snapshot (Feast's own ``file`` store would
+read files a MERGE removed: stale features). The feature repo finds the lake under ``DECISIONFLOW_LAKE_ROOT``,
+which :meth:`FeastHook.apply` sets from the ``lake_default`` connection (``lake_conn_id``).
 
 Every other key of ``extra`` that ``feast.RepoConfig`` knows (``provider``, ``batch_engine``,
 ``entity_key_serialization_version``, ``feature_server``, ``auth``, ...) is passed through unchanged, so switching
@@ -46,6 +50,7 @@ DEFAULT_REPO_PATH = "include/feature_repo"
 DEFAULT_PROJECT = "decisionflow"
 DEFAULT_REGISTRY = ".data/feast/registry.db"
 DEFAULT_ONLINE_PATH = ".data/feast/online.db"
+DEFAULT_OFFLINE_STORE = "decisionflow.features.offline_store.DeltaLakeOfflineStore"
 #: ``extra`` keys that belong to the hook, not to ``feast.RepoConfig``.
 HOOK_KEYS = frozenset({"repo_path"})
 
@@ -62,6 +67,8 @@ class FeastHook(CheckableHook):
     """Build a Feast ``RepoConfig``/``FeatureStore`` from an Airflow connection and apply the feature repo.
 
     :param feast_conn_id: the Airflow connection id (``conn_type`` ``feast``); ``feast_default`` if omitted.
+    :param lake_conn_id: the ``delta_lake`` connection whose root the feature repo's Delta sources live under
+        (``lake_default``); when it does not exist, the repo's own default (``<data dir>/lake``) applies.
     """
 
     conn_name_attr = "feast_conn_id"
@@ -71,9 +78,11 @@ class FeastHook(CheckableHook):
 
     layer = "feast"
 
-    def __init__(self, feast_conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(self, feast_conn_id: str = default_conn_name, lake_conn_id: str = "lake_default",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.feast_conn_id = feast_conn_id
+        self.lake_conn_id = lake_conn_id
 
     # -- connection ---------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +156,7 @@ class FeastHook(CheckableHook):
         settings.setdefault("entity_key_serialization_version", 3)
         settings["registry"] = _resolve_registry(settings.get("registry") or DEFAULT_REGISTRY)
         settings["online_store"] = _resolve_online_store(settings.get("online_store"))
+        settings.setdefault("offline_store", {"type": DEFAULT_OFFLINE_STORE})
         settings["repo_path"] = str(self.repo_path)
         return settings
 
@@ -227,7 +237,7 @@ class FeastHook(CheckableHook):
                 "not starting with '_' or '-')"
             )
         self._make_local_dirs()
-        with _inside_repo(repo_path):
+        with _inside_repo(repo_path), _lake_root_env(self.lake_root()):
             try:
                 repo = _get_repo_contents(repo_path, repo_config.project, repo_config)
             except SystemExit as exc:  # feast prints the reason and calls sys.exit(1)
@@ -263,6 +273,17 @@ class FeastHook(CheckableHook):
             "feature_services": names(repo.feature_services),
             "data_sources": names(repo.data_sources),
         }
+
+    def lake_root(self) -> str | None:
+        """Root of the ``lake_conn_id`` connection, or None when that connection does not exist."""
+        from airflow.exceptions import AirflowNotFoundException
+
+        from decisionflow.hooks.lake import LakeHook
+
+        try:
+            return LakeHook(self.lake_conn_id).root
+        except AirflowNotFoundException:
+            return None
 
     # -- self-check -----------------------------------------------------------------------------------------
     def platform_check(self) -> dict[str, Any]:
@@ -310,7 +331,7 @@ class FeastHook(CheckableHook):
         """Read a non-existent key from the first online view; ``"skipped"`` when no view is online."""
         from feast.value_type import ValueType
 
-        for view in views:
+        for view in sorted(views, key=lambda v: v.name):  # registry order varies; probe the same view each time
             if not view.online or not view.features or not view.entity_columns:
                 continue
             column = view.entity_columns[0]
@@ -394,6 +415,21 @@ def _extra_hint(settings: dict[str, Any]) -> str:
     online = settings.get("online_store")
     kind = online.get("type") if isinstance(online, dict) else None
     return str(kind or "<store>").split(".")[0]
+
+
+@contextlib.contextmanager
+def _lake_root_env(root: str | None) -> Iterator[None]:
+    """``DECISIONFLOW_LAKE_ROOT`` = root while the repo is imported (unchanged when root is None)."""
+    previous = os.environ.get("DECISIONFLOW_LAKE_ROOT")
+    if root:
+        os.environ["DECISIONFLOW_LAKE_ROOT"] = root
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("DECISIONFLOW_LAKE_ROOT", None)
+        else:
+            os.environ["DECISIONFLOW_LAKE_ROOT"] = previous
 
 
 @contextlib.contextmanager
