@@ -38,3 +38,8 @@ BRONZE = {table: lake_asset(table) for table in BRONZE_TABLES}
 SILVER_TRANSACTIONS = lake_asset("silver/transactions")
 GOLD = {table: lake_asset(table) for table in
         ("gold/account_features", "gold/merchant_features", "gold/transactions_enriched")}
+
+#: Online features are fresh: emitted by ``materialize_features`` with the window and watermark in ``extra``.
+FEATURES_FRESH = Asset(name="features_risk_v1_online", uri="feast://decisionflow/risk_v1", group="features")
+#: A new champion risk model in the MLflow registry: emitted only when the promotion gate promotes.
+MODEL_CHAMPION = Asset(name="model_risk_champion", uri="mlflow://registry/decisionflow-risk@champion", group="models")
