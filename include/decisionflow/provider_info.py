@@ -6,12 +6,12 @@ from decisionflow import __version__
 
 _INTEGRATIONS = {
     # integration name -> (hook modules, operator modules, sensor modules, trigger modules)
-    "Apache Kafka": (["decisionflow.hooks.kafka"], [], [], []),
+    "Apache Kafka": (["decisionflow.hooks.kafka"], ["decisionflow.operators.kafka"], [], ["decisionflow.triggers.kafka"]),
     "Apache Spark + Delta Lake": (["decisionflow.hooks.lake"], ["decisionflow.operators.spark"], [], []),
-    "MLflow": (["decisionflow.hooks.mlflow"], [], [], []),
+    "MLflow": (["decisionflow.hooks.mlflow"], ["decisionflow.operators.mlflow"], [], []),
     "Ray": (["decisionflow.hooks.ray"], [], [], []),
     "Milvus": (["decisionflow.hooks.milvus"], [], [], []),
-    "Feast": (["decisionflow.hooks.feast"], [], [], []),
+    "Feast": (["decisionflow.hooks.feast"], ["decisionflow.operators.feast"], [], []),
     "decisionflow platform": ([], ["decisionflow.operators.platform"], [], []),
 }
 

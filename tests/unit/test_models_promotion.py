@@ -103,10 +103,25 @@ def test_decision_serialises():
     assert record["promote"] is False and record["metric"] == "pr_auc" and isinstance(record["problems"], list)
 
 
-@pytest.mark.parametrize("champion", [None, evaluation(pr_auc=0.05)], ids=["no-champion", "weaker-champion"])
+@pytest.mark.parametrize("champion", [None, evaluation(roc_auc=0.5, pr_auc=0.04)], ids=["no-champion", "weaker-champion"])
 def test_a_model_no_better_than_chance_is_never_promoted(champion):
-    # Fraud rate 40/1000 = 0.04: a shuffled-label model scores a PR-AUC about that; 2x is the floor.
-    decision = decide_promotion(evaluation(pr_auc=0.07), champion, SANE_SCORES, margin=0.01)
+    # 40 fraud / 960 legit: random rankings give ROC-AUC 0.5 +- 0.047; 0.55 is well within chance.
+    decision = decide_promotion(evaluation(roc_auc=0.55, pr_auc=0.2), champion, SANE_SCORES, margin=0.01)
     assert not decision.promote
-    assert decision.reason == "not promoted: no better than chance, pr_auc 0.07 < 2 x fraud rate 0.04"
-    assert decide_promotion(evaluation(pr_auc=0.07), champion, SANE_SCORES, min_lift=0).promote
+    assert decision.reason.startswith("not promoted: no better than chance, roc_auc 0.55 on 40 fraud / 960 legit "
+                                      "(p=0.14"), decision.reason
+    assert decide_promotion(evaluation(roc_auc=0.55, pr_auc=0.2), champion, SANE_SCORES, max_chance_p_value=1).promote
+
+
+def test_chance_p_value_matches_a_permutation_test():
+    from sklearn.metrics import roc_auc_score
+
+    from decisionflow.models.promotion import chance_p_value
+
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(30), np.zeros(570)]
+    null = np.array([roc_auc_score(labels, rng.random(600)) for _ in range(2000)])
+    for auc in (0.55, 0.6, 0.65):
+        assert chance_p_value(auc, 30, 600) == pytest.approx((null >= auc).mean(), abs=0.015)
+    assert chance_p_value(0.9, 30, 600) < 1e-9
+    assert chance_p_value(float("nan"), 30, 600) == 1.0 and chance_p_value(0.9, 0, 600) == 1.0

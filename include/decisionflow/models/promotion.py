@@ -16,7 +16,7 @@ import numpy as np
 
 from decisionflow.models.metrics import Evaluation, score_problems
 
-__all__ = ["HIGHER_IS_BETTER", "PromotionDecision", "decide_promotion"]
+__all__ = ["HIGHER_IS_BETTER", "PromotionDecision", "chance_p_value", "decide_promotion"]
 
 #: Direction of the comparable metrics of :class:`Evaluation`; ``decide_promotion`` infers it from here.
 HIGHER_IS_BETTER: dict[str, bool] = {
@@ -61,16 +61,29 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def chance_p_value(roc_auc: float, positives: int, n: int) -> float:
+    """P(ROC-AUC >= ``roc_auc``) for scores that rank at random: the normal approximation of Mann-Whitney U.
+
+    Under the null, AUC ~ N(0.5, (n + 1) / (12 * positives * negatives)). NaN inputs or a one-class set give 1.0.
+    """
+    negatives = n - positives
+    if positives <= 0 or negatives <= 0 or not math.isfinite(roc_auc):
+        return 1.0
+    sd = math.sqrt((n + 1) / (12.0 * positives * negatives))
+    return 0.5 * math.erfc((roc_auc - 0.5) / sd / math.sqrt(2.0))
+
+
 def decide_promotion(challenger: Evaluation, champion: Evaluation | None,
                      challenger_scores: Sequence[float] | np.ndarray, metric: str = "pr_auc",
                      margin: float = 0.01, higher_is_better: bool | None = None,
-                     min_lift: float = 2.0) -> PromotionDecision:
+                     max_chance_p_value: float = 0.001) -> PromotionDecision:
     """Promote the challenger only if its scores are sane and it beats the champion on ``metric`` by ``margin``.
 
     * Scores with problems (NaN/inf, outside [0, 1], collapsed) are never promoted, champion or not.
-    * A challenger no better than chance is never promoted, champion or not: its PR-AUC must reach
-      ``min_lift`` times the fraud rate of the evaluation set (a model trained on shuffled labels scores
-      about the fraud rate itself), so a broken first model never becomes champion.
+    * A challenger no better than chance is never promoted, champion or not: its ROC-AUC must be
+      significantly above 0.5 (one-sided Mann-Whitney test, p <= ``max_chance_p_value``; see
+      :func:`chance_p_value`). A model trained on shuffled labels ranks at random, so a broken first model
+      never becomes champion. (PR-AUC alone is too noisy for this with a few dozen frauds in the holdout.)
     * A challenger whose ``metric`` is NaN is not promoted.
     * No champion (first model), or a champion without a valid value of ``metric``: promoted.
     * Otherwise promoted when ``challenger >= champion + margin`` (higher is better) or
@@ -106,10 +119,11 @@ def decide_promotion(challenger: Evaluation, champion: Evaluation | None,
         return decision(False, "not promoted: " + "; ".join(problems))
     if math.isnan(value):
         return decision(False, f"not promoted: challenger {metric} is NaN (evaluation set lacks a class?)")
-    base_rate = challenger.positives / challenger.n if challenger.n else float("nan")
-    if min_lift > 0 and math.isfinite(base_rate) and not challenger.pr_auc >= min_lift * base_rate:
-        return decision(False, f"not promoted: no better than chance, pr_auc {_fmt(challenger.pr_auc)} < "
-                               f"{_fmt(min_lift)} x fraud rate {_fmt(base_rate)}")
+    p_value = chance_p_value(challenger.roc_auc, challenger.positives, challenger.n)
+    if not p_value <= max_chance_p_value:
+        return decision(False, f"not promoted: no better than chance, roc_auc {_fmt(challenger.roc_auc)} on "
+                               f"{challenger.positives} fraud / {challenger.n - challenger.positives} legit "
+                               f"(p={_fmt(p_value)} > {_fmt(max_chance_p_value)})")
     if champion_value is None:
         return decision(True, f"promoted: first model (no champion), {metric} {_fmt(value)}")
     if math.isnan(champion_value):
