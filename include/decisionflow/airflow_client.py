@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -141,6 +142,12 @@ class AirflowClient:
 
     def try_number(self, dag_id: str, run_id: str, task_id: str) -> int:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["try_number"]
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        """A task's XCom value (deserialized), e.g. what its ``execute`` returned."""
+        entry = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
+                             params={"deserialize": True, "stringify": False})
+        return entry.get("value")
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int) -> str:
         data = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",

@@ -13,9 +13,7 @@ import json
 import os
 import subprocess
 import time
-import zlib
 from collections import defaultdict
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,6 @@ import decisionflow.jobs
 from decisionflow.contracts import CASE_NOTES, LABELS, TRANSACTIONS, validate_message
 from decisionflow.lakehouse import gold, maintenance, quality, silver
 from decisionflow.lakehouse.tables import (
-    BRONZE_DDL,
     BRONZE_TABLES,
     PROPERTY_SCHEMA_VERSION,
     AddColumn,
@@ -36,6 +33,7 @@ from decisionflow.lakehouse.tables import (
     table,
 )
 from decisionflow.risk.generator import REPLACING_KINDS, EventGenerator, GeneratorConfig
+from .lake_builder import bronze_rows, write_bronze
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -43,30 +41,6 @@ JOB = Path(decisionflow.jobs.__file__).parent / "build_lakehouse.py"
 GOLD = gold.GOLD_TABLES
 SILVER_KEEPS = {"valid", "unknown_fields", "late", "out_of_order"}
 EVENTS, SEED = 1500, 11
-
-
-# -- bronze from the generator ------------------------------------------------------------------------------
-def bronze_rows(messages, partitions: int = 3):
-    """Bronze rows per topic with fake partition (by key) and offsets, and the truth by (topic, partition, offset)."""
-    next_offset: dict[tuple[str, int], int] = defaultdict(int)
-    rows: dict[str, list] = {topic: [] for topic in BRONZE_TABLES}
-    truth = {}
-    ingested = datetime.now(timezone.utc).replace(microsecond=0)
-    for m in messages:
-        partition = zlib.crc32(m.key or b"") % partitions
-        offset = next_offset[(m.topic, partition)]
-        next_offset[(m.topic, partition)] += 1
-        sent = datetime.fromisoformat(m.sent_at.replace("Z", "+00:00"))
-        rows[m.topic].append((m.topic, partition, offset, sent, m.key.decode() if m.key is not None else None, m.value,
-                              len(m.value) if m.value is not None else None, ingested, ingested.date()))
-        truth[(m.topic, partition, offset)] = m
-    return rows, truth
-
-
-def write_bronze(spark, lake: str, rows) -> None:
-    for topic, items in rows.items():
-        (spark.createDataFrame(items, BRONZE_DDL).write.format("delta").mode("append")
-         .partitionBy("ingest_date").save(join_path(lake, BRONZE_TABLES[topic])))
 
 
 def contents(spark, lake: str, name: str, version: int | None = None) -> dict[str, dict]:
