@@ -43,60 +43,10 @@ from decisionflow.models import (
     validate_training_frame,
     write_evaluation_plots,
 )
+from decisionflow.models.synthetic import make_transactions
 
 SIGNAL_FEATURES = {"amount_to_avg_7d", "distinct_devices_24h", "distinct_countries_24h", "seconds_since_prev_txn",
                    "merchant_fraud_rate"}
-
-
-def make_transactions(n: int = 3000, seed: int = 4, days: int = 30) -> pd.DataFrame:
-    """Seeded labelled transactions, time-ordered over ``days``, with every gold feature and NaNs where real."""
-    rng = np.random.default_rng(seed)
-    start = pd.Timestamp("2025-01-06", tz="UTC")
-    times = start + pd.to_timedelta(np.sort(rng.uniform(0, days * 86400, n)), unit="s")
-    amount = rng.lognormal(3.5, 1.0, n)
-    count_1h = rng.poisson(0.4, n) + 1
-    count_24h = count_1h + rng.poisson(3, n)
-    count_7d = count_24h + rng.poisson(15, n)
-    devices_24h = 1 + rng.poisson(0.35, n)
-    countries_24h = 1 + rng.binomial(1, 0.15, n)
-    since_prev = rng.exponential(3 * 3600, n)
-    since_prev[rng.random(n) < 0.05] = np.nan  # first transaction of the account
-    to_avg = rng.lognormal(0, 0.6, n)
-    merchant_count_7d = rng.poisson(280, n)
-    labels_known = rng.poisson(30, n)
-    fraud_rate = rng.beta(1, 25, n)
-    fraud_rate[rng.random(n) < 0.1] = np.nan  # no merchant label known yet
-    fraud_rate[labels_known == 0] = np.nan
-
-    large_on_new_devices = (to_avg > 2.2) & (devices_24h >= 2)
-    quick_abroad = (countries_24h >= 2) & (np.nan_to_num(since_prev, nan=np.inf) < 1800)
-    risky_merchant = np.nan_to_num(fraud_rate, nan=0.0) > 0.12
-    logit = -6.0 + 7.5 * large_on_new_devices + 7.5 * quick_abroad + 3.0 * risky_merchant + rng.normal(0, 0.5, n)
-    is_fraud = rng.random(n) < 1 / (1 + np.exp(-logit))
-
-    return pd.DataFrame({
-        "event_timestamp": times,
-        "event_id": [f"evt-{i:06d}" for i in range(n)],
-        "is_fraud": is_fraud,
-        "amount": amount,
-        "txn_count_1h": count_1h,
-        "txn_count_24h": count_24h,
-        "txn_count_7d": count_7d,
-        "amount_sum_1h": amount * count_1h,
-        "amount_sum_24h": amount * count_24h * rng.uniform(0.5, 1.5, n),
-        "amount_sum_7d": amount * count_7d * rng.uniform(0.5, 1.5, n),
-        "distinct_devices_24h": devices_24h,
-        "distinct_devices_7d": devices_24h + rng.poisson(0.5, n),
-        "distinct_countries_24h": countries_24h,
-        "distinct_countries_7d": countries_24h + rng.binomial(1, 0.1, n),
-        "seconds_since_prev_txn": since_prev,
-        "amount_to_avg_7d": to_avg,
-        "merchant_txn_count_24h": rng.poisson(40, n),
-        "merchant_txn_count_7d": merchant_count_7d,
-        "merchant_labels_known": labels_known,
-        "merchant_fraud_labels": np.round(np.nan_to_num(fraud_rate) * labels_known),
-        "merchant_fraud_rate": fraud_rate,
-    })
 
 
 FEATURES = list(DEFAULT_FEATURE_COLUMNS)
