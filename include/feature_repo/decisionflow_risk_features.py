@@ -15,7 +15,6 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-import pandas as pd
 from decisionflow import config
 from decisionflow_entities import account, merchant
 from feast import FeatureService, FeatureView, Field, FileSource, RequestSource
@@ -98,19 +97,19 @@ transaction_request = RequestSource(
         Field(name="amount_to_avg_24h", dtype=Float64),
         Field(name="share_of_24h_spend", dtype=Float64),
     ],
-    mode="pandas",
+    # Python mode: plain lists in and out. The pandas mode costs ~8 ms of conversions per online request
+    # (bench/features.py); this one well under 1 ms.
+    mode="python",
     description="The transaction's amount against the account's recent spending.",
     tags={"owner": "decisionflow", "domain": "risk"},
 )
-def transaction_context(inputs: pd.DataFrame) -> pd.DataFrame:
-    amount = inputs["amount"].astype("float64")
-    count = inputs["txn_count_24h"].astype("float64")
-    total = inputs["amount_sum_24h"].astype("float64")
-    average = (total / count).where(count > 0)
-    out = pd.DataFrame(index=inputs.index)
-    out["amount_to_avg_24h"] = (amount / average).where(average > 0)
-    out["share_of_24h_spend"] = (amount / total).where(total > 0)
-    return out
+def transaction_context(inputs: dict) -> dict:
+    to_avg, share = [], []
+    for amount, count, total in zip(inputs["amount"], inputs["txn_count_24h"], inputs["amount_sum_24h"]):
+        average = total / count if amount is not None and count and total is not None else None
+        to_avg.append(amount / average if average else None)
+        share.append(amount / total if amount is not None and total else None)
+    return {"amount_to_avg_24h": to_avg, "share_of_24h_spend": share}
 
 
 risk_v1 = FeatureService(
