@@ -28,12 +28,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/uv pip install -q -p $(BIN)/python --no-deps -e .
 	@touch $@
 
-system-deps: ## Java 17, Maven and the PostgreSQL server from apt when missing
+system-deps: ## Java 17, Maven, the PostgreSQL server and Redis (tests and the benchmark only) from apt when missing
 	@missing=""; \
 	command -v java >/dev/null || missing="$$missing openjdk-17-jre-headless"; \
 	command -v mvn  >/dev/null || missing="$$missing maven"; \
 	{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || missing="$$missing postgresql"; \
 	command -v psql >/dev/null || missing="$$missing postgresql-client"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

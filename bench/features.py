@@ -1,6 +1,9 @@
 """Benchmark: online feature reads (Feast ``get_online_features``) of the ``risk_v1`` service vs. its plain views.
 
-In one run, against a private lake, registry and online store (temporary directories, removed at the end):
+In one run, against a private lake, registries and online stores (temporary directories, removed at the end),
+for each online store of ``--online-store`` -- SQLite (the default store) and Redis (a private ``redis-server``
+on a free loopback port, started and stopped by this run; ``make system-deps`` installs it), measured side by
+side:
 
 1. write realistic gold rows with ``deltalake`` (no Spark): ``gold/account_features`` (N accounts, a few
    transactions each over the last 3 days: windowed counts/sums, distinct devices/countries, NULL
@@ -10,17 +13,19 @@ In one run, against a private lake, registry and online store (temporary directo
 2. apply the project's feature repo with ``FeastHook`` -- connections ``feast_default`` / ``lake_default`` come
    from ``AIRFLOW_CONN_*`` JSON environment variables (what a user sets; Airflow resolves them before the
    metastore, and ``AIRFLOW_HOME`` is a throwaway dir so no real Airflow DB is touched) -- into a file registry
-   and a SQLite online store, and materialize both views;
+   per store and that online store (only the connection differs: ``online_store: {type: sqlite, path: ...}``
+   or ``{type: redis, connection_string: 127.0.0.1:PORT}``), and materialize both views into it;
 3. check once that the online values of sampled entities equal the latest gold row of each (read back from
    Delta, independently of Feast), on-demand features included, so the timings cannot be of empty reads;
 4. time ``store.get_online_features(...).to_dict()`` (what a caller needs to use the values) after a warm-up,
    for 1 and 100 entities per request, for (a) the feature service ``risk_v1`` (account + merchant views + the
    on-demand view ``transaction_context``, request field ``amount``; the ``FeatureService`` object is fetched
    once, as a serving process would) and (b) the two plain views by feature reference (no on-demand transform).
-   The two cases are interleaved in blocks, so a change in machine load hits both alike.
+   The two cases and the online stores are interleaved in blocks (the same requests for every store), so a
+   change in machine load hits all alike.
 
 Goal (issue): p99 <= 5 ms for 1 entity and <= 20 ms for 100 entities. Exit code 0 even on MISS (a benchmark,
-not a test) unless ``--check``. ``make bench`` runs it with the defaults (under 2 minutes on 2 cores);
+not a test) unless ``--check``. ``make bench`` runs it with the defaults (both stores under 3 minutes on 2 cores);
 ``python bench/features.py --help`` lists the knobs. ``--profile`` adds a cProfile of one request per case.
 """
 
@@ -36,6 +41,9 @@ import os
 import platform
 import pstats
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +61,9 @@ GOALS = {1: 5.0, 100: 20.0}
 CASES = (("(a) risk_v1 service (+ on-demand)", "service"), ("(b) the 2 plain views ({n} features)", "views"))
 DAY_US = 86_400_000_000
 HOUR_US = 3_600_000_000
-WIDTH = 117
+STORES = ("sqlite", "redis")
+WIDTH = 125
+REDIS_HOST = "127.0.0.1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,7 +83,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also cProfile one request per case and entity count (top functions, to stderr)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary lake, registry and online store")
+    parser.add_argument("--online-store", choices=(*STORES, "both"), default=None,
+                        help="online store(s) to measure (default: both when redis-server is on PATH, else sqlite)")
     args = parser.parse_args(argv)
+    args.store_note = ""
+    if args.online_store is None:
+        if shutil.which("redis-server"):
+            args.online_store = "both"
+        else:
+            args.online_store = "sqlite"
+            args.store_note = "redis-server is not on PATH: measuring sqlite only (`make system-deps` installs it)"
+    elif args.online_store != "sqlite" and not shutil.which("redis-server"):
+        parser.error(f"--online-store {args.online_store} needs redis-server on PATH: run `make system-deps`")
+    args.stores = list(STORES) if args.online_store == "both" else [args.online_store]
     if min(args.accounts, args.merchants, args.requests) < 1 or args.warmup < 0:
         parser.error("--accounts, --merchants and --requests must be >= 1, --warmup >= 0")
     if max(args.entities) > args.accounts:
@@ -82,24 +104,84 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # -- environment ----------------------------------------------------------------------------------------------
-def isolate_airflow(work: Path, lake: Path) -> dict:
-    """Throwaway ``AIRFLOW_HOME`` and the two connections as ``AIRFLOW_CONN_*`` JSON. Before importing airflow."""
+def isolate_airflow(work: Path, lake: Path) -> None:
+    """Throwaway ``AIRFLOW_HOME`` and the lake connection as ``AIRFLOW_CONN_*`` JSON. Before importing airflow."""
     home = work / "airflow"
     home.mkdir()
-    feast_extra = {
-        "repo_path": str(config.project_home() / "include" / "feature_repo"),
-        "project": "decisionflow",
-        "registry": str(work / "feast" / "registry.db"),
-        "online_store": {"type": "sqlite", "path": str(work / "feast" / "online.db")},
-    }
     os.environ.update({
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_FEAST_DEFAULT": json.dumps({"conn_type": "feast", "extra": feast_extra}),
         "AIRFLOW_CONN_LAKE_DEFAULT": json.dumps({"conn_type": "delta_lake", "extra": {"root": str(lake)}}),
     })
+
+
+def use_online_store(work: Path, store: str, redis_address: str | None) -> dict:
+    """Point ``feast_default`` (``AIRFLOW_CONN_FEAST_DEFAULT``) at ``store``, with a registry of its own.
+
+    Only the connection changes between the stores -- what a user edits to switch to Redis.
+    """
+    online = ({"type": "sqlite", "path": str(work / "sqlite" / "online.db")} if store == "sqlite"
+              else {"type": "redis", "connection_string": redis_address})
+    feast_extra = {
+        "repo_path": str(config.project_home() / "include" / "feature_repo"),
+        "project": "decisionflow",
+        "registry": str(work / store / "registry.db"),
+        "online_store": online,
+    }
+    os.environ["AIRFLOW_CONN_FEAST_DEFAULT"] = json.dumps({"conn_type": "feast", "extra": feast_extra})
     return feast_extra
+
+
+# -- redis ------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((REDIS_HOST, 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(root: Path, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
+    """A private ``redis-server`` (no persistence, loopback, free port) in its own session; (process, host:port).
+
+    Same flags as ``tests/integration/fixtures_redis.py``. Stopped with :func:`stop_redis` (by its PID).
+    """
+    import redis
+
+    root.mkdir(parents=True)
+    port = _free_port()
+    argv = [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", REDIS_HOST,
+            "--save", "", "--appendonly", "no", "--dir", str(root), "--daemonize", "no", "--protected-mode", "yes"]
+    log = root / "redis.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(argv, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            error = f"redis-server exited with {process.returncode} during start-up"
+        else:
+            try:
+                if redis.Redis(host=REDIS_HOST, port=port, socket_timeout=1, socket_connect_timeout=1).ping():
+                    return process, f"{REDIS_HOST}:{port}"
+            except (redis.exceptions.RedisError, OSError):
+                pass
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            error = f"redis-server not answering PING after {timeout:.0f}s"
+        stop_redis(process)
+        raise RuntimeError(f"{error}:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def stop_redis(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the server this run started (by its PID), SIGKILL it after ``grace`` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _load() -> str:
@@ -318,24 +400,27 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
 
 
-def run_cases(store, service, view_refs, payloads: list[list[dict]], warmup: int, block: int = 50) -> dict:
-    """Per case: wall ns of each request (call + ``to_dict``), of its ``to_dict`` alone, and its thread CPU ns.
+def run_cases(targets: dict, payloads: list[list[dict]], warmup: int, block: int = 50) -> dict:
+    """Per (online store, case): wall ns of each request (call + ``to_dict``), of its ``to_dict`` alone, and its
+    thread CPU ns. ``targets``: store name -> (FeatureStore, feature service, view feature refs).
 
-    The first ``warmup`` payloads are untimed; then the cases alternate in blocks of ``block`` requests.
+    The first ``warmup`` payloads are untimed; then the stores and cases alternate in blocks of ``block``
+    requests, every store getting the same requests.
     """
-    features = {"service": service, "views": view_refs}
     # The plain views get entity rows without the request field ``amount`` (built before timing).
     inputs = {"service": payloads, "views": [[_view_row(r) for r in rows] for rows in payloads]}
-    get = store.get_online_features
-    for case in features:
+    runs = {(name, case): (store.get_online_features, feats)
+            for name, (store, service, view_refs) in targets.items()
+            for case, feats in (("service", service), ("views", view_refs))}
+    for (_, case), (get, feats) in runs.items():
         for rows in inputs[case][:max(warmup, 1)]:
-            get(features=features[case], entity_rows=rows).to_dict()
-    samples = {case: {"total": [], "to_dict": [], "cpu": []} for case in features}
+            get(features=feats, entity_rows=rows).to_dict()
+    samples = {key: {"total": [], "to_dict": [], "cpu": []} for key in runs}
     gc.collect()
     clock, cpu = time.perf_counter_ns, time.thread_time_ns
     for start in range(warmup, len(payloads), block):
-        for case, feats in features.items():
-            total, convert, cpus = samples[case]["total"], samples[case]["to_dict"], samples[case]["cpu"]
+        for (name, case), (get, feats) in runs.items():
+            total, convert, cpus = (samples[name, case][k] for k in ("total", "to_dict", "cpu"))
             for rows in inputs[case][start:start + block]:
                 c0 = cpu()
                 t0 = clock()
@@ -378,17 +463,32 @@ def profile_one(store, service, view_refs, rows: list[dict], top: int = 18) -> s
 
 
 # -- report -----------------------------------------------------------------------------------------------------
-def environment(store) -> dict:
-    import sqlite3
+def online_store_text(store) -> str:
+    """The online store ``store`` really uses, with its version (read from the store's config)."""
+    online = store.config.online_store
+    if online.type == "sqlite":
+        import sqlite3
 
+        return f"sqlite (SQLite {sqlite3.sqlite_version})"
+    if online.type == "redis":
+        import redis
+
+        host, port = online.connection_string.split(",")[0].rsplit(":", 1)
+        server = redis.Redis(host=host, port=int(port)).info("server")["redis_version"]
+        return f"redis (server {server} on {host}:{port}, redis-py {redis.__version__})"
+    return online.type
+
+
+def environment(stores: dict) -> dict:
     import feast
     import pandas
 
+    store = next(iter(stores.values()))
     registry = store.config.registry
     odfv = store.get_on_demand_feature_view(ODFV)
     return {
         "feast": feast.__version__, "pandas": pandas.__version__, "python": platform.python_version(),
-        "online_store": store.config.online_store.type, "sqlite": sqlite3.sqlite_version,
+        "online_stores": {name: online_store_text(s) for name, s in stores.items()},
         "registry": f"{registry.registry_type} (cache_ttl_seconds {registry.cache_ttl_seconds}, "
                     f"cache_mode {getattr(registry, 'cache_mode', '?')})",
         "odfv_mode": odfv.mode, "cpus": os.cpu_count(), "machine": platform.machine(),
@@ -396,43 +496,49 @@ def environment(store) -> dict:
 
 
 def report(args, results: dict) -> str:
-    env, data = results["environment"], results["data"]
+    env, data, per_store = results["environment"], results["data"], results["stores"]
+    loads = ", ".join(f"{name} {r['apply_s']:.1f} s + {r['materialize_s']:.1f} s" for name, r in per_store.items())
     lines = [
         f"bench/features.py: {data['accounts']:,} accounts / {data['account_rows']:,} gold rows, "
-        f"{data['merchants']:,} merchants / {data['merchant_rows']:,} gold rows; "
-        f"apply {results['apply_s']:.1f} s, materialize {results['materialize_s']:.1f} s",
-        f"feast {env['feast']} (pandas {env['pandas']}, Python {env['python']}), online store {env['online_store']} "
-        f"(SQLite {env['sqlite']}), registry {env['registry']}, {ODFV} mode {env['odfv_mode']!r}",
+        f"{data['merchants']:,} merchants / {data['merchant_rows']:,} gold rows; apply + materialize: {loads}"
+        + (" (the first apply includes the one-time imports)" if len(per_store) > 1 else ""),
+        f"feast {env['feast']} (pandas {env['pandas']}, Python {env['python']}), online stores: "
+        + "; ".join(env["online_stores"].values()),
+        f"registry {env['registry']}, {ODFV} mode {env['odfv_mode']!r}",
         f"{env['cpus']} CPUs ({env['machine']}), load average before/after: {results['load_before']} | "
         f"{results['load_after']}",
-        f"verified: {results['verify']['values']} online values of {results['verify']['entities']} sampled "
-        f"entities == latest gold rows ({results['verify']['null_values_expected_and_seen']} NULL "
-        f"seconds_since_prev_txn among them); an unknown entity reads all NULL",
-        "latency = get_online_features(...).to_dict() wall time after a warm-up, the two cases interleaved in blocks "
-        "of 50; CPU p50 = this thread's CPU time (lower than wall when other jobs take the cores); to_dict = its p50",
+        *(f"verified ({name}): {r['verify']['values']} online values of {r['verify']['entities']} sampled "
+          f"entities == latest gold rows ({r['verify']['null_values_expected_and_seen']} NULL "
+          f"seconds_since_prev_txn among them); an unknown entity reads all NULL" for name, r in per_store.items()),
+        *([f"note: {args.store_note}"] if args.store_note else []),
+        "latency = get_online_features(...).to_dict() wall time after a warm-up, the cases and stores interleaved in "
+        "blocks of 50 (same requests per store); CPU p50 = this thread's CPU time (lower than wall when other jobs "
+        "take the cores, and than Redis's network round trip); to_dict = its p50",
         "",
-        f"{'case':<38}{'entities':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'max ms':>9}{'CPU p50':>9}"
+        f"{'store':<8}{'case':<38}{'entities':>9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'max ms':>9}{'CPU p50':>9}"
         f"{'to_dict':>9}{'requests':>10}{'goal p99':>10}{'':>6}",
         "-" * WIDTH,
     ]
     missed = []
     for size in args.entities:
         for label, case in CASES:
-            s = results["timings"][f"{case}/{size}"]
-            goal = GOALS.get(size)
-            verdict = ""
-            if goal is not None:
-                verdict = "PASS" if s["p99_ms"] <= goal else "MISS"
-                if verdict == "MISS":
-                    missed.append(f"{case}/{size}")
             label = label.format(n=results["view_features"])
-            lines.append(f"{label:<38}{size:>9}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['mean_ms']:>9.2f}"
-                         f"{s['max_ms']:>9.2f}{s['cpu_p50_ms']:>9.2f}{s['to_dict_p50_ms']:>9.2f}{s['requests']:>10,}"
-                         f"{(f'<= {goal:g}' if goal is not None else '-'):>10}{verdict:>6}")
-        a, b = results["timings"][f"service/{size}"], results["timings"][f"views/{size}"]
-        lines.append(f"{'    (a) - (b): the on-demand view':<38}{size:>9}{a['p50_ms'] - b['p50_ms']:>9.2f}"
-                     f"{a['p99_ms'] - b['p99_ms']:>9.2f}{a['mean_ms'] - b['mean_ms']:>9.2f}{'':>9}"
-                     f"{a['cpu_p50_ms'] - b['cpu_p50_ms']:>9.2f}{a['to_dict_p50_ms'] - b['to_dict_p50_ms']:>9.2f}")
+            for name in per_store:
+                s = results["timings"][f"{name}/{case}/{size}"]
+                goal = GOALS.get(size)
+                verdict = ""
+                if goal is not None:
+                    verdict = "PASS" if s["p99_ms"] <= goal else "MISS"
+                    if verdict == "MISS":
+                        missed.append(f"{name}/{case}/{size}")
+                lines.append(f"{name:<8}{label:<38}{size:>9}{s['p50_ms']:>9.2f}{s['p99_ms']:>9.2f}{s['mean_ms']:>9.2f}"
+                             f"{s['max_ms']:>9.2f}{s['cpu_p50_ms']:>9.2f}{s['to_dict_p50_ms']:>9.2f}"
+                             f"{s['requests']:>10,}{(f'<= {goal:g}' if goal is not None else '-'):>10}{verdict:>6}")
+        for name in per_store:
+            a, b = results["timings"][f"{name}/service/{size}"], results["timings"][f"{name}/views/{size}"]
+            lines.append(f"{name:<8}{'    (a) - (b): the on-demand view':<38}{size:>9}{a['p50_ms'] - b['p50_ms']:>9.2f}"
+                         f"{a['p99_ms'] - b['p99_ms']:>9.2f}{a['mean_ms'] - b['mean_ms']:>9.2f}{'':>9}"
+                         f"{a['cpu_p50_ms'] - b['cpu_p50_ms']:>9.2f}{a['to_dict_p50_ms'] - b['to_dict_p50_ms']:>9.2f}")
     lines.append("-" * WIDTH)
     results["missed"] = missed
     goal_text = ", ".join(f"p99 <= {g:g} ms for {n} entit{'y' if n == 1 else 'ies'}" for n, g in GOALS.items())
@@ -452,10 +558,17 @@ def main(argv=None) -> int:
                                                    "AIRFLOW__CORE__LOAD_EXAMPLES", "AIRFLOW_CONN_FEAST_DEFAULT",
                                                    "AIRFLOW_CONN_LAKE_DEFAULT")}
     report_out, sys.stdout = sys.stdout, sys.stderr  # Airflow/Feast log to stdout: keep it for the report
+    redis_process = None
     try:
         import numpy as np
 
+        if args.store_note:
+            print(f"note: {args.store_note}", file=sys.stderr, flush=True)
         isolate_airflow(work, lake)
+        redis_address = None
+        if "redis" in args.stores:
+            redis_process, redis_address = start_redis(work / "redis")
+            print(f"private redis-server (pid {redis_process.pid}) on {redis_address}", file=sys.stderr, flush=True)
         now = datetime.now(timezone.utc).replace(microsecond=0)
         print(f"writing gold tables under {lake} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
@@ -463,30 +576,40 @@ def main(argv=None) -> int:
         write_gold(lake, account, merchant)
         results["data"] = {"accounts": args.accounts, "merchants": args.merchants, "account_rows": account.num_rows,
                            "merchant_rows": merchant.num_rows, "seconds": time.perf_counter() - t0}
-        print("feast apply (FeastHook, AIRFLOW_CONN_* connections) + materialize ...", file=sys.stderr, flush=True)
-        feast = apply_and_materialize(now)
-        store = feast["store"]
-        results["apply_s"], results["materialize_s"] = feast["apply_s"], feast["materialize_s"]
-        service = store.get_feature_service(SERVICE)  # fetched once, as a serving process keeps it
-        view_refs = [f"{v.name}:{f.name}" for v in (store.get_feature_view(n) for n in VIEWS) for f in v.features]
-        results["view_features"] = len(view_refs)
 
         rng = np.random.default_rng(args.seed + 1)
         ids = (sorted(set(account.column("account_id").to_pylist())),
                sorted(set(merchant.column("merchant_id").to_pylist())))
-        results["verify"] = verify(store, lake, service, requests_for(ids, rng, min(200, args.accounts), 1)[0])
-        results["environment"] = environment(store)
+        sample = requests_for(ids, rng, min(200, args.accounts), 1)[0]
+        targets, results["stores"] = {}, {}
+        for name in args.stores:
+            print(f"[{name}] feast apply (FeastHook, AIRFLOW_CONN_* connections) + materialize ...",
+                  file=sys.stderr, flush=True)
+            use_online_store(work, name, redis_address)
+            feast = apply_and_materialize(now)
+            store = feast["store"]
+            if store.config.online_store.type != name:
+                raise RuntimeError(f"asked for the {name} online store, Feast uses {store.config.online_store.type}")
+            service = store.get_feature_service(SERVICE)  # fetched once, as a serving process keeps it
+            view_refs = [f"{v.name}:{f.name}" for v in (store.get_feature_view(n) for n in VIEWS) for f in v.features]
+            results["view_features"] = len(view_refs)
+            results["stores"][name] = {"apply_s": feast["apply_s"], "materialize_s": feast["materialize_s"],
+                                       "verify": verify(store, lake, service, sample)}
+            targets[name] = (store, service, view_refs)
+        results["environment"] = environment({name: target[0] for name, target in targets.items()})
         results["load_before"] = _load()
         results["timings"] = {}
         for size in args.entities:
-            print(f"timing {args.requests:,} requests x 2 cases with {size} entit{'y' if size == 1 else 'ies'} ...",
-                  file=sys.stderr, flush=True)
+            print(f"timing {args.requests:,} requests x 2 cases x {len(targets)} online store(s) with {size} "
+                  f"entit{'y' if size == 1 else 'ies'} ...", file=sys.stderr, flush=True)
             payloads = requests_for(ids, rng, size, args.warmup + args.requests)
-            samples = run_cases(store, service, view_refs, payloads, args.warmup)
-            for case, values in samples.items():
-                results["timings"][f"{case}/{size}"] = summarize(values)
+            samples = run_cases(targets, payloads, args.warmup)
+            for (name, case), values in samples.items():
+                results["timings"][f"{name}/{case}/{size}"] = summarize(values)
             if args.profile:
-                print(profile_one(store, service, view_refs, payloads[0]), file=sys.stderr, flush=True)
+                for name, (store, service, view_refs) in targets.items():
+                    print(f"\n##### online store {name}", file=sys.stderr)
+                    print(profile_one(store, service, view_refs, payloads[0]), file=sys.stderr, flush=True)
         results["load_after"] = _load()
         text = report(args, results)
         print(text, file=report_out, flush=True)
@@ -495,6 +618,8 @@ def main(argv=None) -> int:
         return 1 if args.check and results["missed"] else 0
     finally:
         sys.stdout = report_out
+        if redis_process is not None:
+            stop_redis(redis_process)
         for key, value in previous_env.items():
             if value is None:
                 os.environ.pop(key, None)
