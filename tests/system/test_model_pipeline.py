@@ -4,7 +4,7 @@ Runs after ``test_lakehouse_pipeline.py`` (file order), on the gold tables it bu
 
 1. ``materialize_features`` (manual run: the gold rows changed since the last materialization) fills the online
    store with the latest gold values.
-2. ``train_risk_model`` three times: a weak first model (few shallow trees) becomes champion; a challenger
+2. ``train_risk_model`` three times: a weak first model (few small trees on feature subsets) becomes champion; a challenger
    trained on shuffled labels is not promoted and leaves the registry as it was; a full model is promoted.
    Each run is logged to MLflow with metrics, model signature, input example, plots, holdout set and lineage,
    and prints holdout PR-AUC of the model next to the logistic baseline trained in the same run.
@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 
 MATERIALIZE, TRAIN = "materialize_features", "train_risk_model"
 MODEL_NAME = "decisionflow-risk"
-WEAK = {"lightgbm": {"n_estimators": 2, "num_leaves": 2, "learning_rate": 0.05}}
+#: A deliberately weak first champion: 5 small trees, each seeing a fifth of the features (holdout PR-AUC ~0.55
+#: on this lake against ~0.73 for the defaults; its scores still take many values, so they are not "collapsed").
+WEAK = {"lightgbm": {"n_estimators": 5, "num_leaves": 3, "colsample_bytree": 0.2}}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,7 @@ def lake(stack):
 def mlflow_client(stack):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=stack.mlflow.url)
+    return MlflowClient(tracking_uri=stack.mlflow.url())
 
 
 def run_dag(client, dag_id: str, conf: dict | None = None) -> str:
