@@ -99,8 +99,26 @@ def train(client, conf: dict) -> tuple[str, dict, dict]:
     return run_id, trained, decision
 
 
+def settle_scheduled_runs(client, dag_id: str, appear_within: float = 60) -> None:
+    """Unpause; unpausing starts the most recent scheduled run (catchup=False still runs the latest tick): wait
+    for it to be created and to finish, so that the test's own runs start from a known state."""
+    import time
+
+    client.unpause(dag_id)
+    deadline = time.monotonic() + appear_within
+    while not client.runs(dag_id) and time.monotonic() < deadline:
+        time.sleep(3)
+    for run in client.runs(dag_id):
+        if run["state"] not in ("success", "failed"):
+            client.wait_for_run(dag_id, run["dag_run_id"], timeout=1800, log=print)
+
+
 def test_train_register_and_gate(client, mlflow_client, lake):
     client.wait_for_dag(TRAIN)
+    settle_scheduled_runs(client, TRAIN)
+    # The weekly run may have registered a champion: start from an empty registry.
+    if champion_version(mlflow_client) is not None or mlflow_client.search_registered_models(f"name='{MODEL_NAME}'"):
+        mlflow_client.delete_registered_model(MODEL_NAME)
 
     # 1. The first model (weak on purpose) becomes champion.
     run_id, trained, decision = train(client, {"training_config": WEAK})
