@@ -46,6 +46,8 @@ if TYPE_CHECKING:
     from airflow.sdk import Connection
     from feast import FeatureStore, RepoConfig
 
+    from decisionflow.hooks.lake import LakeHook
+
 DEFAULT_REPO_PATH = "include/feature_repo"
 DEFAULT_PROJECT = "decisionflow"
 DEFAULT_REGISTRY = ".data/feast/registry.db"
@@ -274,16 +276,23 @@ class FeastHook(CheckableHook):
             "data_sources": names(repo.data_sources),
         }
 
-    def lake_root(self) -> str | None:
-        """Root of the ``lake_conn_id`` connection, or None when that connection does not exist."""
+    def lake(self) -> LakeHook | None:
+        """The ``lake_conn_id`` lake hook, or None when that connection does not exist."""
         from airflow.exceptions import AirflowNotFoundException
 
         from decisionflow.hooks.lake import LakeHook
 
+        lake = LakeHook(self.lake_conn_id)
         try:
-            return LakeHook(self.lake_conn_id).root
+            lake.extra  # noqa: B018 - fetch the connection now, so a missing one is known here
         except AirflowNotFoundException:
             return None
+        return lake
+
+    def lake_root(self) -> str | None:
+        """Root of the ``lake_conn_id`` connection, or None when that connection does not exist."""
+        lake = self.lake()
+        return lake.root if lake else None
 
     # -- self-check -----------------------------------------------------------------------------------------
     def platform_check(self) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class FeastMaterializeOperator(BaseOperator):
         from decisionflow.features import materialization as m
         from decisionflow.hooks.feast import FeastHook
 
-        store = FeastHook(self.feast_conn_id, lake_conn_id=self.lake_conn_id).get_store()
+        hook = FeastHook(self.feast_conn_id, lake_conn_id=self.lake_conn_id)
+        store = hook.get_store()
         views = m.select_views(store, self.feature_views)
         mode = self._mode(context)
         watermark = self._previous_watermark(context)
@@ -121,7 +122,7 @@ class FeastMaterializeOperator(BaseOperator):
         else:
             changed = m.changed_event_time_range(
                 [self._delta_path(view) for view in views], m.utc(watermark) if watermark else None,
-                storage_options=self._storage_options())
+                storage_options=_storage_options(hook))
             if changed is None:
                 self.log.info("no gold row changed since %s: nothing to materialize", watermark or "the start")
                 self._mark_fresh(context, mode, [], watermark)
@@ -177,17 +178,6 @@ class FeastMaterializeOperator(BaseOperator):
                                        f"{type(source).__name__} {getattr(source, 'path', '')}")
         return source.path
 
-    def _storage_options(self) -> dict[str, str] | None:
-        from airflow.exceptions import AirflowNotFoundException
-
-        from decisionflow.hooks.lake import LakeHook
-
-        try:
-            return LakeHook(self.lake_conn_id).storage_options or None
-        except AirflowNotFoundException:
-            return None
-
-
 class BuildTrainingSetOperator(BaseOperator):
     """
     Write the point-in-time training set of a feature service to parquet, with its lineage, for training.
@@ -242,6 +232,12 @@ class BuildTrainingSetOperator(BaseOperator):
                       int(training.frame["is_fraud"].sum()), training.counts, training.table_versions, path)
         return {"path": str(path), "feature_columns": training.feature_columns,
                 "lineage": {k: str(v) for k, v in training.lineage().items()}, "rows": len(training.frame)}
+
+
+def _storage_options(hook) -> dict[str, str] | None:
+    """The lake connection's storage options (None without a lake connection or options)."""
+    lake = hook.lake()
+    return (lake.storage_options or None) if lake else None
 
 
 def _safe(run_id: str) -> str:
