@@ -10,21 +10,19 @@ a gold append must serve the newer row.
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from airflow.sdk import Connection
 
 try:
     from .fixtures_redis import redis_server  # noqa: F401 - pytest fixture
 except ImportError:  # collected as a plain directory (rootdir-relative import mode)
     from fixtures_redis import redis_server  # noqa: F401
 
-from decisionflow.config import project_home
-from decisionflow.hooks.feast import FeastHook
 from decisionflow.lakehouse import tables
+
+from .fixtures_feast import applied_feast_hook
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -98,24 +96,8 @@ def feast_redis(redis_server, tmp_path_factory):  # noqa: F811 - fixture injecti
     lake = str(root / "lake")
     write_gold(lake, ACCOUNTS, ACCOUNT_ROWS, "error")
     write_gold(lake, MERCHANTS, MERCHANT_ROWS, "error")
-    settings = {
-        "repo_path": str(project_home() / "include" / "feature_repo"),
-        "project": "decisionflow",
-        "registry": str(root / "feast" / "registry.db"),
-        "online_store": {"type": "redis", "connection_string": redis_server.connection_string},
-    }
-    connections = {
-        "feast_default": Connection(conn_id="feast_default", conn_type="feast", extra=json.dumps(settings)),
-        "lake_default": Connection(conn_id="lake_default", conn_type="delta_lake", extra=json.dumps({"root": lake})),
-    }
-    from decisionflow.hooks.lake import LakeHook
-
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for hook_class in (FeastHook, LakeHook):
-            monkeypatch.setattr(hook_class, "get_connection",
-                                classmethod(lambda cls, conn_id: connections[conn_id]))
-        hook = FeastHook()
-        hook.apply()
+    with applied_feast_hook(lake, root / "feast",
+                            online_store={"type": "redis", "connection_string": redis_server.connection_string}) as hook:
         store = hook.get_store()
         assert store.config.online_store.type == "redis", store.config.online_store
         store.materialize(NOW - timedelta(days=8), NOW + timedelta(seconds=1),

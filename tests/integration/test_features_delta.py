@@ -10,17 +10,16 @@ parquet files (what Feast's ``file`` store does) goes wrong.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
-from airflow.sdk import Connection
 
-from decisionflow.config import project_home
 from decisionflow.hooks.feast import FeastHook
 from decisionflow.lakehouse import maintenance
 from decisionflow.lakehouse.tables import join_path
+
+from .fixtures_feast import applied_feast_hook
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -73,28 +72,6 @@ def lake(spark, tmp_path_factory) -> dict:
     return {"root": root, "accounts": accounts}
 
 
-def feast_hook(monkeypatch, tmp_path, lake_root: str, **extra) -> FeastHook:
-    settings = {
-        "repo_path": str(project_home() / "include" / "feature_repo"),
-        "project": "decisionflow",
-        "registry": str(tmp_path / "feast" / "registry.db"),
-        "online_store": {"type": "sqlite", "path": str(tmp_path / "feast" / "online.db")},
-        **extra,
-    }
-    connections = {
-        "feast_default": Connection(conn_id="feast_default", conn_type="feast", extra=json.dumps(settings)),
-        "lake_default": Connection(conn_id="lake_default", conn_type="delta_lake",
-                                   extra=json.dumps({"root": lake_root})),
-    }
-    from decisionflow.hooks.lake import LakeHook
-
-    for hook_class in (FeastHook, LakeHook):
-        monkeypatch.setattr(hook_class, "get_connection", classmethod(lambda cls, conn_id: connections[conn_id]))
-    hook = FeastHook()
-    hook.apply()
-    return hook
-
-
 ENTITY_ROWS = pd.DataFrame({
     "account_id": ["a1", "a2", "a3"],
     "merchant_id": ["m-none"] * 3,
@@ -111,8 +88,12 @@ def training_values(hook: FeastHook) -> dict[str, float]:
     return dict(zip(frame["account_id"], frame["amount_to_avg_7d"]))
 
 
-def test_training_set_and_online_store_see_the_merged_value(monkeypatch, tmp_path, lake):
-    hook = feast_hook(monkeypatch, tmp_path, lake["root"])
+def test_training_set_and_online_store_see_the_merged_value(tmp_path, lake):
+    with applied_feast_hook(lake["root"], tmp_path / "feast") as hook:
+        check_merged_values(hook, lake)
+
+
+def check_merged_values(hook: FeastHook, lake: dict) -> None:
     store = hook.get_store()
     source = store.get_data_source("gold_account_features")
     assert source.path == lake["accounts"], "the registry must record the lake root of the lake connection"

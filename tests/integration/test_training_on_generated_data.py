@@ -7,18 +7,13 @@ are trained on the same split.
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
-from airflow.sdk import Connection
 
-from decisionflow.config import project_home
 from decisionflow.features.training_set import TrainingSetError, build_training_set, labelled_entity_rows
-from decisionflow.hooks.feast import FeastHook
-from decisionflow.hooks.lake import LakeHook
 from decisionflow.lakehouse.tables import join_path
 from decisionflow.risk.generator import EventGenerator, GeneratorConfig
+from .fixtures_feast import applied_feast_hook
 from .lake_builder import build_lake
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
@@ -42,21 +37,8 @@ def lake(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def store(lake, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("feast")
-    settings = {"repo_path": str(project_home() / "include" / "feature_repo"), "project": "decisionflow",
-                "registry": str(folder / "registry.db"),
-                "online_store": {"type": "sqlite", "path": str(folder / "online.db")}}
-    connections = {
-        "feast_default": Connection(conn_id="feast_default", conn_type="feast", extra=json.dumps(settings)),
-        "lake_default": Connection(conn_id="lake_default", conn_type="delta_lake", extra=json.dumps({"root": lake})),
-    }
-    patch = pytest.MonkeyPatch()
-    for hook_class in (FeastHook, LakeHook):
-        patch.setattr(hook_class, "get_connection", classmethod(lambda cls, conn_id: connections[conn_id]))
-    hook = FeastHook()
-    hook.apply()
-    yield hook.get_store()
-    patch.undo()
+    with applied_feast_hook(lake, tmp_path_factory.mktemp("feast")) as hook:
+        yield hook.get_store()
 
 
 @pytest.fixture(scope="module")
