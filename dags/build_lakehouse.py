@@ -4,7 +4,7 @@
 Runs whenever `ingest_transactions` lands new bronze data (asset-triggered).
 
 1. `migrate` — creates missing tables and applies pending schema migrations (declared in
-   `decisionflow.lakehouse.tables`).
+   `decisionflow.lakehouse.tables`); when the Delta logs show every table current, it ends without Spark.
 2. `silver` — parses and validates every bronze row against its event contract: typed, deduplicated by
    `event_id` rows go to `silver/*`, everything else to `quarantine/*` with the raw payload, the reason and the
    source offset. Never dropped silently: rows in = silver + duplicates + quarantined, checked.
@@ -24,7 +24,7 @@ from airflow.sdk import DAG
 
 import decisionflow.jobs
 from decisionflow.assets import BRONZE, GOLD, SILVER_TRANSACTIONS
-from decisionflow.operators.spark import DeltaSparkSubmitOperator
+from decisionflow.operators.spark import DeltaMigrateOperator, DeltaSparkSubmitOperator
 
 JOBS = Path(decisionflow.jobs.__file__).parent
 
@@ -39,9 +39,7 @@ with DAG(
     tags=["decisionflow", "lakehouse", "silver", "gold"],
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"},
 ) as dag:
-    migrate = DeltaSparkSubmitOperator(
-        task_id="migrate", application=str(JOBS / "migrate_lakehouse.py"), name="migrate_lakehouse"
-    )
+    migrate = DeltaMigrateOperator(task_id="migrate")
     silver = DeltaSparkSubmitOperator(
         task_id="silver",
         application=str(JOBS / "build_lakehouse.py"),

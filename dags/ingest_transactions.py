@@ -9,7 +9,9 @@ nothing waits forever.
 2. `ingest_bronze` — a Spark Structured Streaming job (`trigger(availableNow=True)`): Kafka → `bronze/*` with
    raw bytes + topic/partition/offset/timestamp. Offsets live in Spark's checkpoint, committed together with
    the Delta write: a killed run is simply cleared and rerun, with no loss and no duplicates.
-3. `record_progress` — only now, with the data in Delta, moves the "ingested up to" markers the watcher reads.
+3. `record_progress` — only now, with the data in Delta, moves the "ingested up to" markers the watcher reads,
+   and announces the `bronze_*` assets (which start `build_lakehouse`) when bronze grew; a run that found
+   nothing new ends with this task *skipped*, so nothing is rebuilt for nothing.
 
 The watcher never consumes and never commits a read position, so no message is lost to a failed run.
 """
@@ -50,8 +52,7 @@ with DAG(
         name="ingest_bronze",
         application_args=["--max-offsets-per-trigger", "{{ params.max_offsets_per_trigger }}"],
         execution_timeout=timedelta(hours=1),
-        outlets=list(BRONZE.values()),
     )
-    record_progress = RecordBronzeProgressOperator(task_id="record_progress", tables=BRONZE_TABLES)
+    record_progress = RecordBronzeProgressOperator(task_id="record_progress", tables=BRONZE_TABLES, assets=BRONZE)
 
     ensure_topics >> ingest_bronze >> record_progress

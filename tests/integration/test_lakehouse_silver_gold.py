@@ -423,7 +423,10 @@ def test_migrations_create_add_a_column_and_are_idempotent(spark, tmp_path):
         Migration(2, "add tier with a default", (AddColumn(Column("tier", "STRING"), default="'unknown'"),)),))
     path = v1.path(lake)
 
+    assert maintenance.tables_needing_migration(lake, specs=[v1]) == {"gold/test_items": "missing"}
     assert [m["action"] for m in maintenance.migrate(spark, lake, [v1])] == ["created"]
+    assert maintenance.tables_needing_migration(lake, specs=[v1]) == {}  # what lets build_lakehouse skip Spark
+    assert maintenance.tables_needing_migration(lake, specs=[v2]) == {"gold/test_items": "schema version 1, declared 2"}
     spark.sql(f"INSERT INTO delta.`{path}` VALUES ('a', 1), ('b', 2)")
     first = maintenance.migrate(spark, lake, [v2])[0]
     assert first["action"] == "migrated" and first["from_version"] == 1 and first["applied"] == [2]
@@ -434,6 +437,7 @@ def test_migrations_create_add_a_column_and_are_idempotent(spark, tmp_path):
     version = quality.delta_version(spark, path)
     second = maintenance.migrate(spark, lake, [v2])[0]
     assert second["action"] == "up-to-date" and second["statements"] == [] and second["version"] == version
+    assert maintenance.tables_needing_migration(lake, specs=[v2]) == {}
 
     # the declared enriched table, created at schema version 1, gets its real migration
     enriched = table("gold/transactions_enriched")
@@ -445,6 +449,7 @@ def test_migrations_create_add_a_column_and_are_idempotent(spark, tmp_path):
     assert step["action"] == "migrated" and step["applied"] == [2]
     assert "label_source" in spark.read.format("delta").load(old).columns
     assert maintenance.migrate(spark, lake, [enriched])[0]["action"] == "up-to-date"
+    assert maintenance.tables_needing_migration(lake, specs=[enriched]) == {}
 
     # an incompatible existing table is refused, naming table and column, and left alone
     bad = TableSpec("gold/test_bad", columns[:2], keys=("id",), description="bad")
@@ -453,6 +458,11 @@ def test_migrations_create_add_a_column_and_are_idempotent(spark, tmp_path):
         maintenance.migrate(spark, lake, [bad])
     assert "table gold/test_bad, column n: is string in the table, declared bigint" in str(info.value)
     assert quality.delta_version(spark, bad.path(lake)) == 0
+
+
+def test_every_declared_table_is_current_after_migrate_and_build(built):
+    """What the build_lakehouse DAG's migrate task reads (without Spark) before deciding to skip the job."""
+    assert maintenance.tables_needing_migration(built["lake"]) == {}
 
 
 # -- maintenance, report, and a gate failing inside a stage -------------------------------------------------

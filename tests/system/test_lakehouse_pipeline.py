@@ -5,7 +5,7 @@
    one of them in silver or quarantine, without a duplicate event_id.
 2. Kill test: the Spark ingest job is SIGKILLed in the middle of a micro-batch; after the retry and an explicit
    clear-and-rerun, bronze still holds every message exactly once.
-3. Rerunning ``build_lakehouse`` over the same data changes no gold row.
+3. Rerunning ``build_lakehouse`` (clearing its run) over the same data changes no gold row.
 """
 
 from __future__ import annotations
@@ -195,10 +195,10 @@ def test_killed_ingest_loses_and_duplicates_nothing(stack, client, lake, tmp_pat
 def test_rerunning_build_lakehouse_changes_no_gold_row(stack, client, lake):
     from decisionflow.lakehouse.tables import TABLES
 
-    # Build over everything ingested so far (the previous test held the DAG), then once more.
+    # Build over everything ingested so far (the previous test held the DAG), then clear the run: on-call's rerun.
     client.unpause(BUILD)
-    first = client.trigger(BUILD)
-    assert client.wait_for_run(BUILD, first, timeout=1800, log=print) == "success"
+    run_id = client.trigger(BUILD)
+    assert client.wait_for_run(BUILD, run_id, timeout=1800, log=print) == "success"
     for run in client.runs(BUILD):  # an asset-triggered run may have queued up meanwhile
         if run["state"] not in ("success", "failed"):
             client.wait_for_run(BUILD, run["dag_run_id"], timeout=1800, log=print)
@@ -218,8 +218,12 @@ def test_rerunning_build_lakehouse_changes_no_gold_row(stack, client, lake):
     silver_ids = set(read_delta(lake / "silver/transactions", ["event_id"]).column("event_id").to_pylist())
     assert silver_ids == produced_ids, (len(silver_ids), len(produced_ids))
     assert set(before["gold/transactions_enriched"]["event_id"]) == silver_ids
-    run_id = client.trigger(BUILD)
+
+    steps = ["migrate", "silver", "gold"]
+    tries = {task: client.try_number(BUILD, run_id, task) for task in steps}
+    assert sorted(client.clear_tasks(BUILD, run_id, steps)) == sorted(steps)
     assert client.wait_for_run(BUILD, run_id, timeout=1800, log=print) == "success"
+    assert {task: client.try_number(BUILD, run_id, task) for task in steps} == {t: n + 1 for t, n in tries.items()}
     after = snapshot()
     for table in tables:
         assert before[table].equals(after[table]), f"{table} changed on rerun"

@@ -288,3 +288,63 @@ def test_operator_module_does_not_import_pyspark():
             for a in (n.names if isinstance(n, ast.Import) else [n])
         }
         assert not {t for t in top if t and t.startswith(("pyspark", "delta", "confluent_kafka"))}, module.__name__
+
+
+# -- DeltaMigrateOperator: Spark only when a Delta log says a table needs it ---------------------------------
+@pytest.fixture
+def submitted(monkeypatch):
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    calls = []
+    monkeypatch.setattr(SparkSubmitOperator, "execute", lambda self, context: calls.append(self.application))
+    return calls
+
+
+def test_migrate_operator_skips_spark_when_every_table_is_current(connections, fake_jars, submitted, monkeypatch):
+    from decisionflow.lakehouse import maintenance
+    from decisionflow.operators.spark import DeltaMigrateOperator
+
+    seen = []
+    monkeypatch.setattr(maintenance, "tables_needing_migration",
+                        lambda root, options=None: seen.append(root) or {})
+    assert DeltaMigrateOperator(task_id="migrate").execute({}) is None
+    assert submitted == [] and seen == [str(connections / "lake")]
+
+
+def test_migrate_operator_submits_the_packaged_job_when_a_table_needs_it(connections, fake_jars, submitted,
+                                                                         monkeypatch):
+    from decisionflow.lakehouse import maintenance
+    from decisionflow.operators.spark import DeltaMigrateOperator
+
+    monkeypatch.setattr(maintenance, "tables_needing_migration", lambda root, options=None: {"silver/labels": "missing"})
+    DeltaMigrateOperator(task_id="migrate").execute({})
+    assert [Path(a).name for a in submitted] == ["migrate_lakehouse.py"] and Path(submitted[0]).exists()
+
+
+def test_migrate_operator_always_submit_does_not_look(connections, fake_jars, submitted, monkeypatch):
+    from decisionflow.lakehouse import maintenance
+    from decisionflow.operators.spark import DeltaMigrateOperator
+
+    monkeypatch.setattr(maintenance, "tables_needing_migration", lambda *a, **k: pytest.fail("looked"))
+    DeltaMigrateOperator(task_id="migrate", always_submit=True).execute({})
+    assert len(submitted) == 1
+
+
+def test_tables_needing_migration_reads_the_delta_log(tmp_path):
+    """Missing and unversioned tables are reported (a current table is checked in the integration tests:
+    delta-rs refuses to write our custom properties, Spark's migrate job sets them)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from decisionflow.lakehouse.maintenance import tables_needing_migration
+    from decisionflow.lakehouse.tables import Column, TableSpec
+
+    spec = TableSpec("gold/items", (Column("id", "STRING", nullable=False),), keys=("id",), description="items")
+    other = TableSpec("gold/other", (Column("id", "STRING", nullable=False),), keys=("id",), description="other",
+                      partition_by=("id",))
+    lake = str(tmp_path)
+    assert tables_needing_migration(lake, specs=[spec]) == {"gold/items": "missing"}
+    write_deltalake(spec.path(lake), pa.table({"id": ["a"]}))
+    write_deltalake(other.path(lake), pa.table({"id": ["a"]}))
+    assert tables_needing_migration(lake, specs=[spec, other]) == {
+        "gold/items": "schema version None, declared 1", "gold/other": "partitioned by []"}

@@ -3,6 +3,8 @@
 * :func:`migrate` - create missing tables at their latest schema version, apply pending migrations in order,
   refuse an incompatible existing table (:class:`~decisionflow.lakehouse.tables.IncompatibleTableError`
   naming table and column). Idempotent: a second run changes nothing and makes no commit.
+* :func:`tables_needing_migration` - which tables :func:`migrate` would touch, read from the Delta logs with
+  delta-rs in well under a second (no Spark), so an Airflow task can skip the Spark job when all are current.
 * :func:`optimize` - ``OPTIMIZE ... ZORDER BY`` the declared Z-order columns (plain compaction when a table
   declares none).
 * :func:`vacuum` - ``VACUUM`` with a retention in hours (default 168 = 7 days). Shorter retentions are refused
@@ -42,6 +44,7 @@ __all__ = [
     "check_retention",
     "migrate",
     "migration_statements",
+    "tables_needing_migration",
     "optimize",
     "vacuum",
 ]
@@ -104,6 +107,48 @@ def _describe(spark: SparkSession, path: str) -> tuple[dict[str, str], dict[str,
     return columns, dict(detail["properties"] or {}), list(detail["partitionColumns"] or [])
 
 
+def _wanted_properties(spec: TableSpec) -> dict[str, str]:
+    """Properties every current table carries (the migration log entries are written by the migrations)."""
+    wanted = {k: v for k, v in spec.table_properties().items()
+              if not k.startswith(PROPERTY_MIGRATION_PREFIX) and k != PROPERTY_SCHEMA_VERSION}
+    wanted[PROPERTY_SCHEMA_VERSION] = str(spec.schema_version)
+    return wanted
+
+
+def tables_needing_migration(lake_root: str, storage_options: dict[str, str] | None = None,
+                             specs: Iterable[TableSpec] | None = None) -> dict[str, str]:
+    """
+    ``{table: why}`` for each declared table :func:`migrate` would create or change; empty when every table is
+    at its declared schema version with the declared properties and partitioning.
+
+    Reads only the Delta logs (delta-rs), no Spark. Anything it cannot read counts as needing migration: the
+    Spark job then decides, and names the problem.
+    """
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    needed: dict[str, str] = {}
+    for spec in (list(specs) if specs is not None else tables()):
+        try:
+            metadata = DeltaTable(spec.path(lake_root), storage_options=storage_options or None).metadata()
+        except TableNotFoundError:
+            needed[spec.name] = "missing"
+            continue
+        except Exception as exc:  # noqa: BLE001 - unreadable: let the Spark job report it
+            needed[spec.name] = f"unreadable ({type(exc).__name__}: {exc})"
+            continue
+        properties = dict(metadata.configuration or {})
+        if list(metadata.partition_columns or []) != list(spec.partition_by):
+            needed[spec.name] = f"partitioned by {list(metadata.partition_columns or [])}"
+            continue
+        differing = sorted(k for k, v in _wanted_properties(spec).items() if properties.get(k) != v)
+        if differing:
+            version = properties.get(PROPERTY_SCHEMA_VERSION)
+            needed[spec.name] = (f"schema version {version}, declared {spec.schema_version}"
+                                 if PROPERTY_SCHEMA_VERSION in differing else f"properties {differing}")
+    return needed
+
+
 def migrate(spark: SparkSession, lake_root: str, specs: Iterable[TableSpec] | None = None, *,
             dry_run: bool = False) -> list[dict[str, Any]]:
     """
@@ -138,9 +183,7 @@ def migrate(spark: SparkSession, lake_root: str, specs: Iterable[TableSpec] | No
             for migration in pending:
                 statements += migration_statements(spec, path, migration, have)
                 have |= {c.name for c in migration.added}
-            wanted = {k: v for k, v in spec.table_properties().items()
-                      if not k.startswith(PROPERTY_MIGRATION_PREFIX) and k != PROPERTY_SCHEMA_VERSION}
-            wanted[PROPERTY_SCHEMA_VERSION] = str(spec.schema_version)
+            wanted = _wanted_properties(spec)
             after = dict(properties)
             if pending:  # the migrations record the version and the table name themselves
                 after.update({PROPERTY_SCHEMA_VERSION: str(spec.schema_version), PROPERTY_TABLE: spec.name})
