@@ -9,6 +9,8 @@ DATA   ?= .data
 JARS   := $(DATA)/jars
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The system tests (one chain on one stack) run on one worker while the other takes unit + integration.
+TEST_WORKERS ?= 2
 
 export DECISIONFLOW_HOME := $(CURDIR)
 export PATH := $(CURDIR)/$(BIN):$(PATH)
@@ -71,8 +73,8 @@ demo: up ## install, start the stack and run the main job (platform_check) throu
 	$(BIN)/decisionflow trigger platform_check --wait
 	@echo; echo "Airflow UI: http://127.0.0.1:8080  (user admin, password in $(DATA)/airflow/simple_auth_manager_passwords.json.generated)"
 
-test: install ## unit, integration and system tests against real services
-	$(BIN)/pytest tests $(PYTEST_ARGS)
+test: install ## unit, integration and system tests against real services (TEST_WORKERS pytest processes)
+	$(BIN)/pytest tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
 
 test-unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

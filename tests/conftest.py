@@ -25,8 +25,20 @@ PENDING_FILES: set[str] = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
+#: Under pytest-xdist (`make test`: ``-n 2 --dist loadgroup --no-loadscope-reorder``) the system tests share one
+#: stack on the standard ports, so they form one group that one worker runs in file order; every other file is
+#: its own group, so module-scoped fixtures (a built lake, a Kafka broker) are set up once.
+SYSTEM_GROUP = "system-stack"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if Path(item.fspath).resolve().relative_to(_PROJECT).as_posix() in PENDING_FILES:
+        path = Path(item.fspath).resolve().relative_to(_PROJECT).as_posix()
+        if path in PENDING_FILES:
             item.add_marker(pytest.mark.pending)
+        item.add_marker(pytest.mark.xdist_group(SYSTEM_GROUP if path.startswith("tests/system/") else path))
+    # The system tests are the longest chain: first in the queue, so a worker starts on them at once while
+    # the other takes the unit and integration files.
+    items.sort(key=lambda item: not Path(item.fspath).resolve().relative_to(_PROJECT).as_posix()
+               .startswith("tests/system/"))

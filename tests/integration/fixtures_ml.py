@@ -29,8 +29,10 @@ import pytest
 
 HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
-# Ray hands ports 10002-19999 to its workers by default; our fixed ports must stay out of that range.
-RAY_WORKER_PORTS = range(10002, 20000)
+# Ray hands ports 10002-19999 to its workers by default, and so does the system tests' stack Ray, which may run
+# at the same time (`make test` runs two pytest workers): the test heads' workers get their own range, below
+# Linux's ephemeral ports (32768+) that free_port() draws from.
+RAY_WORKER_PORTS = range(20002, 30000)
 RAY_PORT_NAMES = ("gcs", "dashboard", "client", "agent", "agent_grpc", "runtime_env_agent", "metrics_export")
 
 
@@ -195,6 +197,8 @@ def ray_command(ports: dict[str, int], temp_dir: Path, token_path: Path, num_cpu
         "--dashboard-agent-grpc-port", str(ports["agent_grpc"]),
         "--runtime-env-agent-port", str(ports["runtime_env_agent"]),
         "--metrics-export-port", str(ports["metrics_export"]),
+        "--min-worker-port", str(RAY_WORKER_PORTS.start),
+        "--max-worker-port", str(RAY_WORKER_PORTS.stop - 1),
         "--temp-dir", str(temp_dir),
         "--num-cpus", str(num_cpus),
         "--object-store-memory", str(256 * 1024 * 1024),
