@@ -120,3 +120,19 @@ def test_the_parquet_files_still_hold_what_the_merges_replaced(lake):
     files = ds.dataset(lake["accounts"], format="parquet", ignore_prefixes=["_delta_log", "_change_data", "."])
     raw = {(row["event_id"], row["amount_to_avg_7d"]) for row in files.to_table().to_pylist()}
     assert {("e1", 1.0), ("e3", 3.0)} <= raw, raw
+
+
+def test_materialize_operator_joins_the_empty_days_of_a_long_window(tmp_path, lake):
+    """Two years of one-day chunks with data on one day: one Feast materialization, the merged values online."""
+    from decisionflow.operators.feast import FeastMaterializeOperator
+
+    with applied_feast_hook(lake["root"], tmp_path / "feast") as hook:
+        operator = FeastMaterializeOperator(
+            task_id="materialize", feature_views=["account_features"], chunk=timedelta(days=1),
+            start=(T0 - timedelta(days=730)).isoformat(), end=(T0 + timedelta(days=1)).isoformat())
+        result = operator.execute({"dag_run": None})
+        assert result["mode"] == "explicit" and [w["chunks"] for w in result["windows"]] == [1], result
+        online = hook.get_store().get_online_features(
+            features=["account_features:amount_to_avg_7d"],
+            entity_rows=[{"account_id": a} for a in ("a1", "a2", "a3")]).to_dict()
+        assert online["amount_to_avg_7d"] == [7.5, 2.0, 4.0]

@@ -68,6 +68,46 @@ def test_select_views_refuses_unknown_names():
         m.select_views(store, ["offline_only"])
 
 
+def test_chunks_merge_up_to_max_rows_and_empty_stretches_vanish():
+    day = timedelta(days=1)
+    pieces = m.chunks(T, T + 6 * day, day)
+    assert m.merge_chunks(pieces, [0, 0, 3, 0, 2, 4], max_rows=5) == ((T, T + 5 * day), (T + 5 * day, T + 6 * day))
+    assert m.merge_chunks(pieces, [0] * 6, max_rows=1) == ((T, T + 6 * day),)
+    # a chunk above the limit on its own stays as it is: the limit only decides joining
+    assert m.merge_chunks(pieces[:2], [9, 1], max_rows=5) == pieces[:1] + ((T + day, T + 2 * day),)
+    with pytest.raises(m.MaterializationError, match="2 row counts for 6 chunks"):
+        m.merge_chunks(pieces, [1, 2], max_rows=5)
+
+
+def test_rows_per_chunk_counts_the_current_delta_snapshot_by_event_time(tmp_path):
+    from deltalake import write_deltalake
+
+    day = timedelta(days=1)
+    times = [T, T + timedelta(hours=1), T + 2 * day, T + 2 * day + timedelta(hours=5), T + 9 * day]
+    write_deltalake(str(tmp_path / "t"), pd.DataFrame({"event_time": pd.to_datetime(times[:3], utc=True)}))
+    write_deltalake(str(tmp_path / "t"), pd.DataFrame({"event_time": pd.to_datetime(times[3:], utc=True)}),
+                    mode="append")
+    pieces = m.chunks(T, T + 3 * day, day)
+    assert m.rows_per_chunk(str(tmp_path / "t"), pieces, time_column="event_time") == [2, 0, 2]
+    # an overwrite replaces the snapshot: removed files are not counted
+    write_deltalake(str(tmp_path / "t"), pd.DataFrame({"event_time": pd.to_datetime([T + day], utc=True)}),
+                    mode="overwrite")
+    assert m.rows_per_chunk(str(tmp_path / "t"), pieces, time_column="event_time") == [0, 1, 0]
+
+
+def test_plan_joins_chunks_by_row_count_when_it_can_count():
+    day = timedelta(days=1)
+    counted = []
+
+    def count(v, pieces):
+        counted.append(v.name)
+        return None if v.name == "not_delta" else [1] * len(pieces)
+
+    a, b = m.plan([view("account_features"), view("not_delta")], T, T + 10 * day, day, count, max_rows=4)
+    assert a.chunks == ((T, T + 4 * day), (T + 4 * day, T + 8 * day), (T + 8 * day, T + 10 * day))
+    assert len(b.chunks) == 10 and counted == ["account_features", "not_delta"]
+
+
 def test_changed_event_time_range_reads_only_rows_updated_after_the_watermark(tmp_path):
     from deltalake import write_deltalake
 

@@ -12,7 +12,10 @@ Feast materializes by *event time*: for each entity, the latest row whose event 
   rows changed since the previous materialization (``updated_at`` above a watermark), see
   :func:`changed_event_time_range`. Scheduled runs materialize their data interval, as Feast users expect.
 
-Memory stays bounded by the chunk: each chunk pulls at most one row per entity (Feast's "latest" query).
+Memory stays bounded by the chunk: a chunk is at most ``chunk`` of event time, and :func:`merge_chunks` joins
+adjacent chunks only while their gold rows add up to at most ``max_rows`` (counted by :func:`rows_per_chunk`
+over the time column alone). Empty stretches (a window extended over months without data) cost nothing:
+every chunk is a Feast materialization that reads and rewrites the registry.
 """
 
 from __future__ import annotations
@@ -87,14 +90,63 @@ def latest_materialized_end(view) -> datetime | None:
     return max(ends) if ends else None
 
 
-def plan(views: Iterable, start: datetime, end: datetime, chunk: timedelta) -> list[Window]:
-    """One :class:`Window` per view: [start, max(end, latest end already materialized)] in chunks."""
+def merge_chunks(pieces: tuple[tuple[datetime, datetime], ...], rows: list[int],
+                 max_rows: int) -> tuple[tuple[datetime, datetime], ...]:
+    """Adjacent chunks joined while their rows add up to at most ``max_rows`` (so empty ones always join)."""
+    if len(rows) != len(pieces):
+        raise MaterializationError(f"{len(rows)} row counts for {len(pieces)} chunks")
+    if max_rows <= 0:
+        raise MaterializationError(f"max_rows must be positive, got {max_rows}")
+    merged: list[list] = []
+    for (lower, upper), count in zip(pieces, rows):
+        if merged and merged[-1][2] + count <= max_rows:
+            merged[-1][1], merged[-1][2] = upper, merged[-1][2] + count
+        else:
+            merged.append([lower, upper, count])
+    return tuple((lower, upper) for lower, upper, _ in merged)
+
+
+def rows_per_chunk(table_uri: str, pieces: tuple[tuple[datetime, datetime], ...], *, time_column: str,
+                   storage_options: dict[str, str] | None = None) -> list[int]:
+    """Rows of the Delta table's current snapshot in each chunk, by event time (a row on a shared bound counts
+    in the later chunk). Reads only ``time_column``, batch by batch, so memory stays flat."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+    from deltalake import DeltaTable
+
+    def micros(moment: datetime) -> int:
+        return int(round(utc(moment).timestamp() * 1_000_000))
+
+    edges = np.array([micros(lower) for lower, _ in pieces] + [micros(pieces[-1][1])], dtype=np.int64)
+    counts = np.zeros(len(pieces), dtype=np.int64)
+    dataset = DeltaTable(table_uri, storage_options=storage_options or None).to_pyarrow_dataset()
+    bounds = (ds.field(time_column) >= pa.scalar(utc(pieces[0][0]), pa.timestamp("us", "UTC"))) & \
+             (ds.field(time_column) <= pa.scalar(utc(pieces[-1][1]), pa.timestamp("us", "UTC")))
+    for batch in dataset.to_batches(columns=[time_column], filter=bounds):
+        values = pc.drop_null(batch.column(0)).cast(pa.timestamp("us", "UTC")).cast(pa.int64()).to_numpy()
+        index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(pieces) - 1)
+        counts += np.bincount(index, minlength=len(pieces))
+    return counts.tolist()
+
+
+def plan(views: Iterable, start: datetime, end: datetime, chunk: timedelta,
+         count_rows: Callable[[Any, tuple[tuple[datetime, datetime], ...]], list[int] | None] | None = None,
+         max_rows: int | None = None) -> list[Window]:
+    """One :class:`Window` per view: [start, max(end, latest end already materialized)] in chunks of at most
+    ``chunk``; with ``count_rows(view, chunks)`` (``None`` when it cannot count that view) and ``max_rows``,
+    adjacent chunks merged up to that many rows."""
     start, end = utc(start), utc(end)
     windows = []
     for view in views:
         done = latest_materialized_end(view)
         upper = max(end, done) if done else end
-        windows.append(Window(view=view.name, start=start, end=upper, chunks=chunks(start, upper, chunk),
+        pieces = chunks(start, upper, chunk)
+        rows = count_rows(view, pieces) if count_rows is not None and max_rows is not None else None
+        if rows is not None:
+            pieces = merge_chunks(pieces, rows, max_rows)
+        windows.append(Window(view=view.name, start=start, end=upper, chunks=pieces,
                               extended_to=upper if upper > end else None))
     return windows
 

@@ -65,7 +65,9 @@ class FeastMaterializeOperator(BaseOperator):
     :param window: ``auto``, ``data_interval`` or ``changes`` (see above).
     :param start: explicit window start (ISO 8601 or datetime; templated); needs ``end``.
     :param end: explicit window end (ISO 8601 or datetime; templated).
-    :param chunk: the longest piece materialized at once (bounds memory on long windows).
+    :param chunk: the longest piece of event time materialized at once (bounds memory on long windows).
+    :param chunk_rows: adjacent chunks of a Delta-backed view are joined while their gold rows add up to at
+        most this many (counted over the time column), so months without data cost nothing; ``None``: never join.
     :param fresh_asset: the asset that marks features fresh; its previous event holds the watermark.
     :param feast_conn_id: Airflow connection (type ``feast``).
     :param lake_conn_id: Airflow connection (type ``delta_lake``), for the Delta tables' storage options.
@@ -81,6 +83,7 @@ class FeastMaterializeOperator(BaseOperator):
         start: str | datetime | None = None,
         end: str | datetime | None = None,
         chunk: timedelta = timedelta(hours=6),
+        chunk_rows: int | None = 500_000,
         fresh_asset: Asset | None = None,
         feast_conn_id: str = "feast_default",
         lake_conn_id: str = "lake_default",
@@ -95,6 +98,7 @@ class FeastMaterializeOperator(BaseOperator):
         self.start = start
         self.end = end
         self.chunk = chunk
+        self.chunk_rows = chunk_rows
         self.fresh_asset = fresh_asset
         self.feast_conn_id = feast_conn_id
         self.lake_conn_id = lake_conn_id
@@ -106,6 +110,7 @@ class FeastMaterializeOperator(BaseOperator):
         hook = FeastHook(self.feast_conn_id, lake_conn_id=self.lake_conn_id)
         store = hook.get_store()
         views = m.select_views(store, self.feature_views)
+        storage_options = _storage_options(hook)
         mode = self._mode(context)
         watermark = self._previous_watermark(context)
         new_watermark = watermark
@@ -122,7 +127,7 @@ class FeastMaterializeOperator(BaseOperator):
         else:
             changed = m.changed_event_time_range(
                 [self._delta_path(view) for view in views], m.utc(watermark) if watermark else None,
-                storage_options=_storage_options(hook))
+                storage_options=storage_options)
             if changed is None:
                 self.log.info("no gold row changed since %s: nothing to materialize", watermark or "the start")
                 self._mark_fresh(context, mode, [], watermark)
@@ -130,7 +135,16 @@ class FeastMaterializeOperator(BaseOperator):
             start, last_event, updated_through = changed
             end = last_event + timedelta(seconds=1)  # Feast's end bound is exclusive of the newest microsecond
             new_watermark = updated_through.isoformat()
-        windows = m.plan(views, start, end, self.chunk)
+
+        def count_rows(view, pieces):
+            try:
+                path = self._delta_path(view)
+            except m.MaterializationError:
+                return None  # not a Delta source: keep the time chunks
+            return m.rows_per_chunk(path, pieces, time_column=view.batch_source.timestamp_field,
+                                    storage_options=storage_options)
+
+        windows = m.plan(views, start, end, self.chunk, count_rows if self.chunk_rows else None, self.chunk_rows)
         self.log.info("window %s: %s", mode, [w.as_dict() for w in windows])
         report = m.materialize(store, windows, log=self.log.info)
         result = {"mode": mode, **report.as_dict(), "watermark": new_watermark}
