@@ -57,6 +57,10 @@ def test_materialize_features_fills_the_online_store(stack, client, lake):
     from feast import FeatureStore, RepoConfig
 
     client.wait_for_dag(MATERIALIZE)
+    # Unpausing train_risk_model starts its latest weekly run: let it train meanwhile (the gate test waits for
+    # it and then starts from an empty registry).
+    client.wait_for_dag(TRAIN)
+    client.unpause(TRAIN)
     run_id = run_dag(client, MATERIALIZE)
     result = client.xcom(MATERIALIZE, run_id, "materialize")
     assert result["mode"] == "changes" and result["windows"] and result["watermark"], result
