@@ -74,7 +74,7 @@ demo: up ## install, start the stack and run the main job (platform_check) throu
 	@echo; echo "Airflow UI: http://127.0.0.1:8080  (user admin, password in $(DATA)/airflow/simple_auth_manager_passwords.json.generated)"
 
 test: install ## unit, integration and system tests against real services (TEST_WORKERS pytest processes)
-	$(BIN)/pytest tests -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 $(PYTEST_ARGS)
+	$(BIN)/pytest tests -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 test-unit: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -23,20 +23,36 @@ import pytest  # noqa: E402
 PENDING_FILES: set[str] = set()
 
 
-#: Under pytest-xdist (`make test`: ``-n 2 --dist loadgroup --no-loadscope-reorder``) the system tests share one
-#: stack on the standard ports, so they form one group that one worker runs in file order; every other file is
-#: its own group, so module-scoped fixtures (a built lake, a Kafka broker) are set up once.
-SYSTEM_GROUP = "system-stack"
+#: Under pytest-xdist (`make test`: ``-n 2``) the system tests share one stack on the standard ports: they are one
+#: unit of work that one worker runs in file order; every other file is a unit of its own, so module-scoped
+#: fixtures (a built lake, a Kafka broker) are set up once. (xdist's ``loadgroup`` cannot do it with pytest 9.2:
+#: it renames node ids through ``item._nodeid``, which pytest no longer reads.)
+SYSTEM_TESTS = "tests/system/"
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist reads the groups
+def _is_system(item) -> bool:
+    return Path(item.fspath).resolve().relative_to(_PROJECT).as_posix().startswith(SYSTEM_TESTS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        path = Path(item.fspath).resolve().relative_to(_PROJECT).as_posix()
-        if path in PENDING_FILES:
+        if Path(item.fspath).resolve().relative_to(_PROJECT).as_posix() in PENDING_FILES:
             item.add_marker(pytest.mark.pending)
-        item.add_marker(pytest.mark.xdist_group(SYSTEM_GROUP if path.startswith("tests/system/") else path))
     # The system tests are the longest chain: first in the queue, so a worker starts on them at once while
     # the other takes the unit and integration files.
-    items.sort(key=lambda item: not Path(item.fspath).resolve().relative_to(_PROJECT).as_posix()
-               .startswith("tests/system/"))
+    items.sort(key=lambda item: not _is_system(item))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Units of work for xdist: one per test file, all system tests together, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndTheSystemChain(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SYSTEM_TESTS if path.startswith(SYSTEM_TESTS) else path
+
+    config.option.loadscopereorder = False  # keep collection order: the system chain first
+    return FilesAndTheSystemChain(config, log)
