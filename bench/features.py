@@ -21,7 +21,9 @@ side:
    for 1 and 100 entities per request, for (a) the feature service ``risk_v1`` (account + merchant views + the
    on-demand view ``transaction_context``, request field ``amount``; the ``FeatureService`` object is fetched
    once, as a serving process would) and (b) the two plain views by feature reference (no on-demand transform).
-   The two cases and the online stores are interleaved in blocks (the same requests for every store), so a
+   (c) the same service through ``decisionflow.features.online.OnlineFeatureReader`` (one ``online_read`` per view
+   for the batch, Feast's values without Feast's response building; checked equal to (a)'s dict first).
+   The cases and the online stores are interleaved in blocks (the same requests for every store), so a
    change in machine load hits all alike.
 
 Goal (issue): p99 <= 5 ms for 1 entity and <= 20 ms for 100 entities. Exit code 0 even on MISS (a benchmark,
@@ -58,7 +60,8 @@ VIEWS = ("account_features", "merchant_features")
 ODFV = "transaction_context"
 #: entities per request -> p99 goal in ms
 GOALS = {1: 5.0, 100: 20.0}
-CASES = (("(a) risk_v1 service (+ on-demand)", "service"), ("(b) the 2 plain views ({n} features)", "views"))
+CASES = (("(a) risk_v1 service (+ on-demand)", "service"), ("(b) the 2 plain views ({n} features)", "views"),
+         ("(c) risk_v1 via OnlineFeatureReader", "reader"))
 DAY_US = 86_400_000_000
 HOUR_US = 3_600_000_000
 STORES = ("sqlite", "redis")
@@ -408,10 +411,11 @@ def run_cases(targets: dict, payloads: list[list[dict]], warmup: int, block: int
     requests, every store getting the same requests.
     """
     # The plain views get entity rows without the request field ``amount`` (built before timing).
-    inputs = {"service": payloads, "views": [[_view_row(r) for r in rows] for rows in payloads]}
+    inputs = {"service": payloads, "views": [[_view_row(r) for r in rows] for rows in payloads], "reader": payloads}
     runs = {(name, case): (store.get_online_features, feats)
-            for name, (store, service, view_refs) in targets.items()
+            for name, (store, service, view_refs, _) in targets.items()
             for case, feats in (("service", service), ("views", view_refs))}
+    runs |= {(name, "reader"): (_reader_call(reader), None) for name, (_, _, _, reader) in targets.items()}
     for (_, case), (get, feats) in runs.items():
         for rows in inputs[case][:max(warmup, 1)]:
             get(features=feats, entity_rows=rows).to_dict()
@@ -433,6 +437,22 @@ def run_cases(targets: dict, payloads: list[list[dict]], warmup: int, block: int
                 convert.append(t2 - t1)
                 cpus.append(c2 - c0)
     return samples
+
+
+class _Answer:
+    """The reader's dict behind the ``to_dict()`` the timing loop calls (nothing to convert: ~0)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def to_dict(self) -> dict:
+        return self.values
+
+
+def _reader_call(reader):
+    return lambda features, entity_rows: _Answer(reader.read(entity_rows))
 
 
 def _view_row(row: dict) -> dict:
@@ -511,7 +531,7 @@ def report(args, results: dict) -> str:
           f"entities == latest gold rows ({r['verify']['null_values_expected_and_seen']} NULL "
           f"seconds_since_prev_txn among them); an unknown entity reads all NULL" for name, r in per_store.items()),
         *([f"note: {args.store_note}"] if args.store_note else []),
-        "latency = get_online_features(...).to_dict() wall time after a warm-up, the cases and stores interleaved in "
+        "latency = get_online_features(...).to_dict() ((c): OnlineFeatureReader.read(...)) wall time after a warm-up, the cases and stores interleaved in "
         "blocks of 50 (same requests per store); CPU p50 = this thread's CPU time (lower than wall when other jobs "
         "take the cores, and than Redis's network round trip); to_dict = its p50",
         "",
@@ -595,19 +615,25 @@ def main(argv=None) -> int:
             results["view_features"] = len(view_refs)
             results["stores"][name] = {"apply_s": feast["apply_s"], "materialize_s": feast["materialize_s"],
                                        "verify": verify(store, lake, service, sample)}
-            targets[name] = (store, service, view_refs)
+            from decisionflow.features.online import OnlineFeatureReader
+
+            reader = OnlineFeatureReader(store, SERVICE)
+            expected = store.get_online_features(features=service, entity_rows=sample).to_dict()
+            if reader.read(sample) != expected:
+                raise RuntimeError(f"[{name}] OnlineFeatureReader's values differ from get_online_features'")
+            targets[name] = (store, service, view_refs, reader)
         results["environment"] = environment({name: target[0] for name, target in targets.items()})
         results["load_before"] = _load()
         results["timings"] = {}
         for size in args.entities:
-            print(f"timing {args.requests:,} requests x 2 cases x {len(targets)} online store(s) with {size} "
+            print(f"timing {args.requests:,} requests x {len(CASES)} cases x {len(targets)} online store(s) with {size} "
                   f"entit{'y' if size == 1 else 'ies'} ...", file=sys.stderr, flush=True)
             payloads = requests_for(ids, rng, size, args.warmup + args.requests)
             samples = run_cases(targets, payloads, args.warmup)
             for (name, case), values in samples.items():
                 results["timings"][f"{name}/{case}/{size}"] = summarize(values)
             if args.profile:
-                for name, (store, service, view_refs) in targets.items():
+                for name, (store, service, view_refs, _) in targets.items():
                     print(f"\n##### online store {name}", file=sys.stderr)
                     print(profile_one(store, service, view_refs, payloads[0]), file=sys.stderr, flush=True)
         results["load_after"] = _load()
