@@ -163,16 +163,9 @@ class FeastMaterializeOperator(BaseOperator):
         return "data_interval" if run_type.split(".")[-1].lower() in INTERVAL_RUN_TYPES else "changes"
 
     def _previous_watermark(self, context: Context) -> str | None:
-        if self.fresh_asset is None:
-            return None
-        events = context.get("inlet_events")
-        if not events:
-            return None
-        for event in reversed(list(events[self.fresh_asset])):
-            watermark = (event.extra or {}).get("watermark")
-            if watermark:
-                return watermark
-        return None
+        from decisionflow.operators._asset_events import latest_extra
+
+        return latest_extra(context, self.fresh_asset, "watermark") if self.fresh_asset is not None else None
 
     def _mark_fresh(self, context: Context, mode: str, windows: list, watermark: str | None) -> None:
         if self.fresh_asset is not None and context.get("outlet_events") is not None:

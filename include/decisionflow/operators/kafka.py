@@ -103,6 +103,7 @@ class RecordBronzeProgressOperator(BaseOperator):
         from decisionflow.hooks.kafka import KafkaHook
         from decisionflow.hooks.lake import LakeHook
         from decisionflow.lakehouse.progress import max_offsets
+        from decisionflow.operators._asset_events import latest_extra
         from decisionflow.triggers.kafka import BRONZE_PROGRESS_GROUP
 
         lake = LakeHook(lake_conn_id=self.lake_conn_id)
@@ -121,21 +122,11 @@ class RecordBronzeProgressOperator(BaseOperator):
         summary = {f"{t}/{p}": o for (t, p), o in sorted(markers.items())}
         self.log.info("progress markers committed: %s", summary)
         if self.assets:
-            grown = [table for table in self.assets if per_table[table] != self._announced(context, table)]
+            grown = [table for table, asset in self.assets.items()
+                     if per_table[table] != latest_extra(context, asset, "markers")]
             if not grown:
                 raise AirflowSkipException("bronze has not grown since its last announcement: assets not emitted")
             self.log.info("bronze grew in %s: announcing %s", grown, sorted(a.name for a in self.assets.values()))
             for table, asset in self.assets.items():
                 context["outlet_events"][asset].extra = {"markers": per_table[table]}
         return summary
-
-    def _announced(self, context: Context, table: str) -> dict[str, int] | None:
-        """The markers in the table's last asset event that carries them (``None``: never announced)."""
-        events = context.get("inlet_events")
-        if not events:
-            return None
-        for event in reversed(list(events[self.assets[table]])):
-            markers = (event.extra or {}).get("markers")
-            if markers is not None:
-                return markers
-        return None
