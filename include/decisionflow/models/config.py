@@ -8,10 +8,12 @@ kind of mistake nobody notices until the model is worse.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# CostModel and the validation helpers moved to the policy (decisions.costs); re-exported here unchanged.
+from decisionflow.decisions.costs import ConfigError, CostModel, _check_keys, _number
 
 __all__ = [
     "CALIBRATION_METHODS",
@@ -56,73 +58,10 @@ DEFAULT_FEATURE_COLUMNS: tuple[str, ...] = GOLD_FEATURE_COLUMNS + REQUEST_FEATUR
 CALIBRATION_METHODS: tuple[str, ...] = ("sigmoid", "isotonic")
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the field."""
-
-
-def _number(owner: str, name: str, value: Any, *, minimum: float | None = None, maximum: float | None = None,
-            min_inclusive: bool = True, max_inclusive: bool = True, integer: bool = False) -> None:
-    """Raise :class:`ConfigError` naming ``owner.name`` unless ``value`` is a finite number in range."""
-    kind = "an integer" if integer else "a finite number"
-    # bool is an int subclass: a JSON ``true`` for a cost is a mistake, not the number 1.
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
-        raise ConfigError(f"{owner}.{name} must be {kind}, got {value!r}")
-    bounds = []
-    if minimum is not None:
-        bounds.append(f"{'>=' if min_inclusive else '>'} {minimum}")
-    if maximum is not None:
-        bounds.append(f"{'<=' if max_inclusive else '<'} {maximum}")
-    too_low = minimum is not None and (value < minimum or (not min_inclusive and value == minimum))
-    too_high = maximum is not None and (value > maximum or (not max_inclusive and value == maximum))
-    if too_low or too_high:
-        raise ConfigError(f"{owner}.{name} must be {' and '.join(bounds)}, got {value!r}")
-
-
 def _string(owner: str, name: str, value: Any) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a non-empty string."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{owner}.{name} must be a non-empty string, got {value!r}")
-
-
-def _check_keys(cls: type, data: Mapping[str, Any]) -> None:
-    """Reject keys that are not fields of the dataclass ``cls``, naming them and the accepted ones."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{cls.__name__} must be built from a mapping, got {type(data).__name__}")
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(str(k) for k in data if k not in known)
-    if unknown:
-        raise ConfigError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}; known keys: {', '.join(known)}")
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """What each outcome of the approve / review / decline policy costs, per transaction, in currency units.
-
-    * ``missed_fraud`` - a fraudulent transaction that was approved (chargeback, lost goods).
-    * ``review`` - a transaction sent to manual review, whatever its label (analyst time).
-    * ``false_decline`` - a legitimate transaction that was declined (lost sale, annoyed customer).
-
-    A declined fraud and an approved legitimate transaction cost nothing.
-    """
-
-    missed_fraud: float = 500.0
-    review: float = 5.0
-    false_decline: float = 50.0
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _number("CostModel", f.name, getattr(self, f.name), minimum=0)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
-        """Build from a JSON-like mapping; unknown keys raise :class:`ConfigError` naming them."""
-        _check_keys(cls, data)
-        return cls(**data)
-
-    def as_dict(self) -> dict[str, float]:
-        """The costs as a flat dict (e.g. for MLflow params)."""
-        return {k: float(v) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The policy: **decline** when ``score >= thresholds.decline``, else **review** when
 ``score >= thresholds.review``, else **approve**. Its expected cost per transaction under a
-:class:`~decisionflow.models.config.CostModel` is::
+:class:`~decisionflow.decisions.costs.CostModel` is::
 
     (missed_fraud * approved fraud + review * reviewed + false_decline * declined legit) / n
 
@@ -19,7 +19,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from decisionflow.models.config import CostModel
+# The policy on scores and its costs live in decisions.costs (serving imports them without this module);
+# re-exported here under their old names.
+from decisionflow.decisions.costs import (
+    NEVER,
+    CostModel,
+    PolicyOutcome,
+    Thresholds,
+    _as_arrays,
+    apply_policy,
+)
 
 __all__ = [
     "ECE_BINS",
@@ -35,60 +44,11 @@ __all__ = [
     "score_problems",
 ]
 
-#: A threshold no score reaches: a policy with ``decline=NEVER`` never declines.
-NEVER: float = math.inf
-
 #: Equal-width probability bins of the expected calibration error.
 ECE_BINS = 10
 
 _COLLAPSE_STD = 1e-6  # below this spread the scores carry no ranking
 _COLLAPSE_SHARE = 0.99  # or when this share of scores is one single value
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Score thresholds of the policy: review from ``review`` on, decline from ``decline`` on (``review <= decline``).
-
-    ``review == decline`` means no review band; :data:`NEVER` (infinity) means that action never happens.
-    """
-
-    review: float
-    decline: float
-
-    def __post_init__(self) -> None:
-        for name in ("review", "decline"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or math.isnan(value):
-                raise ValueError(f"Thresholds.{name} must be a number, got {value!r}")
-        if self.review > self.decline:
-            raise ValueError(f"Thresholds.review ({self.review}) must be <= Thresholds.decline ({self.decline})")
-
-
-@dataclass(frozen=True)
-class PolicyOutcome:
-    """Counts of what the policy did to a labelled set and what it cost."""
-
-    n: int
-    approved_fraud: int
-    reviewed: int
-    declined_fraud: int
-    declined_legit: int
-    total_cost: float
-
-    @property
-    def expected_cost(self) -> float:
-        """Cost per transaction."""
-        return self.total_cost / self.n if self.n else float("nan")
-
-    @property
-    def review_share(self) -> float:
-        """Share of transactions sent to review."""
-        return self.reviewed / self.n if self.n else float("nan")
-
-    @property
-    def decline_share(self) -> float:
-        """Share of transactions declined."""
-        return (self.declined_fraud + self.declined_legit) / self.n if self.n else float("nan")
 
 
 @dataclass(frozen=True)
@@ -115,38 +75,6 @@ class Evaluation:
         Thresholds may be ``inf`` (:data:`NEVER`); drop or map them if the receiver cannot store infinity.
         """
         return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
-
-
-def _as_arrays(scores: Sequence[float] | np.ndarray,
-               labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores as float64 and labels as 0/1 int arrays of one length; ``ValueError`` otherwise."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y_raw = np.asarray(labels).ravel()
-    if s.shape != y_raw.shape:
-        raise ValueError(f"scores and labels differ in length: {s.size} vs {y_raw.size}")
-    if s.size == 0:
-        raise ValueError("no scores to evaluate (0 rows)")
-    y = y_raw.astype(np.float64)
-    if np.isnan(y).any() or not np.isin(y, (0.0, 1.0)).all():
-        bad = sorted({str(v) for v in np.unique(y_raw[~np.isin(y, (0.0, 1.0))])})
-        raise ValueError(f"labels must be 0/1 or booleans, found {', '.join(bad[:10])}")
-    return s, y.astype(np.int64)
-
-
-def apply_policy(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, thresholds: Thresholds,
-                 costs: CostModel) -> PolicyOutcome:
-    """Apply the approve / review / decline policy to labelled scores and count outcomes and cost."""
-    s, y = _as_arrays(scores, labels)
-    decline = s >= thresholds.decline
-    review = (s >= thresholds.review) & ~decline
-    approve = ~(decline | review)
-    approved_fraud = int((approve & (y == 1)).sum())
-    reviewed = int(review.sum())
-    declined_fraud = int((decline & (y == 1)).sum())
-    declined_legit = int((decline & (y == 0)).sum())
-    total = costs.missed_fraud * approved_fraud + costs.review * reviewed + costs.false_decline * declined_legit
-    return PolicyOutcome(n=int(s.size), approved_fraud=approved_fraud, reviewed=reviewed,
-                         declined_fraud=declined_fraud, declined_legit=declined_legit, total_cost=float(total))
 
 
 def recall_at_share(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, share: float) -> float:
