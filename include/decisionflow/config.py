@@ -24,6 +24,7 @@ _DEFAULT_PORTS = {
     "kafka_controller": 9093,
     "airflow": 8080,
     "mlflow": 5000,
+    "milvus": 19530,  # Milvus Lite served by the stack (milvus-lite server)
     "ray": 6380,  # not 6379: that one belongs to Redis, an optional Feast online store
     "ray_dashboard": 8265,
     "ray_client": 10001,

@@ -95,7 +95,7 @@ def test_real_file_connections():
 
     milvus = s.connection("milvus_default")
     assert milvus.conn_type == "milvus"
-    assert milvus.extra == {"uri": "${DECISIONFLOW_DATA}/milvus/decisionflow.db"}
+    assert milvus.extra == {"uri": "http://127.0.0.1:19530"}  # the stack's served Milvus Lite
 
     feast = s.connection("feast_default")
     assert feast.conn_type == "feast"

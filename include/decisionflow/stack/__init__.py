@@ -16,6 +16,7 @@ from decisionflow.stack.airflow import (
 )
 from decisionflow.stack.base import Health, Service, ServiceError, StackContext, port_open
 from decisionflow.stack.kafka import KafkaService
+from decisionflow.stack.milvus import MilvusService
 from decisionflow.stack.mlflow import MlflowService
 from decisionflow.stack.postgres import PostgresService
 from decisionflow.stack.ray import RayService
@@ -43,6 +44,7 @@ class Stack:
         self.kafka = KafkaService(self.ctx)
         self.mlflow = MlflowService(self.ctx)
         self.ray = RayService(self.ctx)
+        self.milvus = MilvusService(self.ctx)
         self.api_server = AirflowApiServer(self.ctx)
         self.scheduler = AirflowScheduler(self.ctx)
         self.dag_processor = AirflowDagProcessor(self.ctx)
@@ -50,7 +52,7 @@ class Stack:
 
     @property
     def services(self) -> list[Service]:
-        return [self.postgres, self.kafka, self.mlflow, self.ray, self.api_server, self.scheduler,
+        return [self.postgres, self.kafka, self.mlflow, self.ray, self.milvus, self.api_server, self.scheduler,
                 self.dag_processor, self.triggerer]
 
     def select(self, names: list[str] | None) -> list[Service]:
@@ -84,10 +86,10 @@ class Stack:
                                              self.dag_processor, self.triggerer))
         if needs_pg:
             self._bring_up(self.postgres, timeout)
-        jobs = [s for s in (self.kafka, self.ray, self.mlflow) if s in wanted]
+        jobs = [s for s in (self.kafka, self.ray, self.mlflow, self.milvus) if s in wanted]
         airflow_wanted = [s for s in wanted if s.name.startswith("airflow-")]
         errors: list[ServiceError] = []
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        with concurrent.futures.ThreadPoolExecutor(5) as pool:
             futures = [pool.submit(self._bring_up, s, timeout) for s in jobs]
             if airflow_wanted:
                 futures.append(pool.submit(self._airflow_chain, timeout))
