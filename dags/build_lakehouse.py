@@ -23,7 +23,7 @@ import pendulum
 from airflow.sdk import DAG
 
 import decisionflow.jobs
-from decisionflow.assets import BRONZE, GOLD, SILVER_TRANSACTIONS
+from decisionflow.assets import BRONZE, GOLD, SILVER_CASE_NOTES, SILVER_LABELS, SILVER_TRANSACTIONS
 from decisionflow.operators.spark import DeltaMigrateOperator, DeltaSparkSubmitOperator
 
 JOBS = Path(decisionflow.jobs.__file__).parent
@@ -45,7 +45,7 @@ with DAG(
         application=str(JOBS / "build_lakehouse.py"),
         application_args=["--stage", "silver", "--no-migrate"],
         name="build_silver",
-        outlets=[SILVER_TRANSACTIONS],
+        outlets=[SILVER_TRANSACTIONS, SILVER_LABELS, SILVER_CASE_NOTES],
         execution_timeout=timedelta(hours=1),
     )
     gold = DeltaSparkSubmitOperator(

@@ -36,6 +36,8 @@ KAFKA_EVENTS = Asset(
 
 BRONZE = {table: lake_asset(table) for table in BRONZE_TABLES}
 SILVER_TRANSACTIONS = lake_asset("silver/transactions")
+SILVER_CASE_NOTES = lake_asset("silver/case_notes")
+SILVER_LABELS = lake_asset("silver/labels")
 GOLD = {table: lake_asset(table) for table in
         ("gold/account_features", "gold/merchant_features", "gold/transactions_enriched")}
 
@@ -43,3 +45,5 @@ GOLD = {table: lake_asset(table) for table in
 FEATURES_FRESH = Asset(name="features_risk_v1_online", uri="feast://decisionflow/risk_v1", group="features")
 #: A new champion risk model in the MLflow registry: emitted only when the promotion gate promotes.
 MODEL_CHAMPION = Asset(name="model_risk_champion", uri="mlflow://registry/decisionflow-risk@champion", group="models")
+#: The Milvus similar-case memory matches silver: emitted by ``sync_case_embeddings`` with its watermark in ``extra``.
+CASE_EMBEDDINGS = Asset(name="case_embeddings", uri="milvus://decisionflow/case_notes", group="vectors")

@@ -10,7 +10,7 @@ _INTEGRATIONS = {
     "Apache Spark + Delta Lake": (["decisionflow.hooks.lake"], ["decisionflow.operators.spark"], [], []),
     "MLflow": (["decisionflow.hooks.mlflow"], ["decisionflow.operators.mlflow"], [], []),
     "Ray": (["decisionflow.hooks.ray"], [], [], []),
-    "Milvus": (["decisionflow.hooks.milvus"], [], [], []),
+    "Milvus": (["decisionflow.hooks.milvus"], ["decisionflow.operators.vectors"], [], []),
     "Feast": (["decisionflow.hooks.feast"], ["decisionflow.operators.feast"], [], []),
     "decisionflow platform": ([], ["decisionflow.operators.platform"], [], []),
 }
