@@ -8,6 +8,10 @@
     decisionflow settings validate|load [--file F]
     decisionflow trigger DAG_ID [--wait] [--timeout S]   unpause + trigger through the REST API
     decisionflow produce --events N --rate R --seed S ...  seeded transaction-risk events into Kafka
+    decisionflow policy validate FILE    check a decision policy file (names file, rule and field on error)
+    decisionflow policy backtest --policy FILE [--lake ROOT] [--model-version V | --scores PARQUET |
+                                 --generated N] [--since T] [--until T] [--json]
+                                         replay a policy over labelled history beside two baselines
 """
 
 from __future__ import annotations
@@ -114,6 +118,115 @@ def cmd_trigger(args) -> int:
     return 0
 
 
+def _policy(path):
+    from decisionflow.decisions.policy import SHIPPED_POLICY, Policy
+
+    return Policy.load(path or SHIPPED_POLICY)
+
+
+def cmd_policy_validate(args) -> int:
+    from decisionflow.decisions.policy import PolicyError
+
+    try:
+        policy = _policy(args.file)
+    except PolicyError as exc:
+        print(f"policy INVALID -- {exc}", file=sys.stderr)
+        return 1
+    print(f"{policy.source}: policy {policy.name} {policy.version} OK (sha256 {policy.content_hash})")
+    print(f"  {len(policy.rules)} rules: {', '.join(r.id for r in policy.rules)}")
+    print(f"  similar-case rule: {'yes' if policy.similar_cases else 'no'}; review budget: "
+          f"{policy.review_budget.share if policy.review_budget.share is not None else policy.review_budget.count}"
+          f" (overflow -> {policy.review_budget.overflow_decision}); {len(policy.reason_codes)} reason codes")
+    return 0
+
+
+def _parse_thresholds(text: str):
+    from decisionflow.decisions.costs import Thresholds
+
+    try:
+        review, decline = (float(v) for v in text.split(","))
+        return Thresholds(review=review, decline=decline)
+    except ValueError as exc:
+        raise SystemExit(f"--thresholds must be REVIEW,DECLINE (e.g. 0.1,0.6): {exc}") from None
+
+
+def _champion_thresholds(tracking_uri: str, model_name: str, version: str | None):
+    from decisionflow.constants import CHAMPION_ALIAS
+    from decisionflow.decisions.backtest import BacktestInputError
+    from decisionflow.models.pipeline import MODEL
+    from decisionflow.models.tracking import mlflow_client, read_thresholds
+
+    client = mlflow_client(tracking_uri)
+    try:
+        mv = (client.get_model_version(model_name, version) if version
+              else client.get_model_version_by_alias(model_name, CHAMPION_ALIAS))
+        return read_thresholds(client, mv.run_id)[MODEL]
+    except Exception as exc:  # noqa: BLE001 - any MLflow / connection error: say which layer and the remedy
+        raise BacktestInputError(f"[mlflow] no thresholds for {model_name} "
+                                 f"{version or '@' + CHAMPION_ALIAS} at {tracking_uri}: {exc} -- remedy: pass "
+                                 "--thresholds REVIEW,DECLINE with --scores, or --tracking-uri") from exc
+
+
+def cmd_policy_backtest(args) -> int:
+    import json
+
+    from decisionflow.decisions import backtest as bt
+    from decisionflow.decisions.policy import PolicyError
+
+    try:
+        policy = _policy(args.policy)
+        if args.generated:
+            report = bt.generated_backtest(policy, events=args.generated, seed=args.seed, truth=args.truth)
+        else:
+            from decisionflow import config
+            from decisionflow.constants import MODEL_NAME
+
+            lake = args.lake or str(config.resolve_path("${DECISIONFLOW_DATA}/lake"))
+            history = bt.read_history(lake, since=args.since, until=args.until)
+            labelled = bt.labelled_history(history, as_of=args.as_of, label_maturity_days=args.label_maturity_days,
+                                           truth=args.truth)
+            if labelled.empty:
+                print(f"policy backtest: no labelled (or mature unlabelled) transaction in {lake} "
+                      f"between {args.since or '-'} and {args.until or '-'}", file=sys.stderr)
+                return 1
+            model_name = args.model_name or MODEL_NAME
+            source = {"lake": lake, "since": args.since, "until": args.until, "rows_read": len(history)}
+            if args.scores:
+                scores = bt.scores_from_file(labelled, args.scores)
+                thresholds = (_parse_thresholds(args.thresholds) if args.thresholds
+                              else _champion_thresholds(args.tracking_uri, model_name, args.model_version))
+                source["scores"] = args.scores
+            else:
+                scores, thresholds, info = bt.champion_scores(labelled, args.tracking_uri, model_name,
+                                                              args.model_version)
+                if args.thresholds:
+                    thresholds = _parse_thresholds(args.thresholds)
+                source.update(info)
+            run_key = None
+            if args.run_every:
+                import pandas as pd
+
+                labelled = labelled.assign(_run=pd.to_datetime(labelled["event_time"], utc=True)
+                                           .dt.floor(args.run_every))
+                run_key = "_run"
+            report = bt.backtest(policy, labelled, scores, thresholds, run_key=run_key)
+            report.source = source
+    except (PolicyError, bt.BacktestInputError, ValueError) as exc:
+        print(f"policy backtest FAILED -- {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True, default=str))
+    else:
+        print(report.format_table())
+    return 0
+
+
+def _mlflow_port() -> int:
+    from decisionflow import config
+
+    return config.port("mlflow")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decisionflow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +250,38 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--file")
     settings.set_defaults(func=cmd_settings)
     sub.add_parser("produce", help="seeded transaction-risk events into Kafka (see `produce --help`)", add_help=False)
+    policy = sub.add_parser("policy", help="validate or backtest a decision policy file")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    validate = policy_sub.add_parser("validate", help="check a policy file")
+    validate.add_argument("file", nargs="?", help="policy YAML (default: the shipped transaction_risk.yaml)")
+    validate.set_defaults(func=cmd_policy_validate)
+    backtest = policy_sub.add_parser(
+        "backtest", help="replay a policy over labelled history beside approve-all and the thresholds alone")
+    backtest.add_argument("--policy", help="policy YAML (default: the shipped transaction_risk.yaml)")
+    backtest.add_argument("--lake", help="lake root (default ${DECISIONFLOW_DATA}/lake)")
+    source = backtest.add_mutually_exclusive_group()
+    source.add_argument("--model-version", help="score with this registered version (default: @champion)")
+    source.add_argument("--scores", help="parquet with event_id, score instead of scoring with a model")
+    source.add_argument("--generated", type=int, metavar="N",
+                        help="no lake or MLflow: N seeded generated events, a model trained on the older rows")
+    backtest.add_argument("--seed", type=int, default=0, help="generator seed with --generated")
+    backtest.add_argument("--truth", action="store_true",
+                          help="label with the generator's hidden truth (generated data only)")
+    backtest.add_argument("--thresholds", metavar="REVIEW,DECLINE",
+                          help="the champion's thresholds (default: read from its MLflow training run)")
+    backtest.add_argument("--since", help="first event_time (inclusive, ISO 8601)")
+    backtest.add_argument("--until", help="last event_time (exclusive, ISO 8601)")
+    backtest.add_argument("--as-of", help="labels known at this time (default: now)")
+    backtest.add_argument("--label-maturity-days", type=float, default=30.0,
+                          help="an unlabelled transaction this old counts as legit (default %(default)s)")
+    backtest.add_argument("--run-every", metavar="FREQ",
+                          help="apply the review budget per run of this length (pandas frequency, e.g. 1h); "
+                               "default: the whole history is one run")
+    backtest.add_argument("--tracking-uri", default=f"http://127.0.0.1:{_mlflow_port()}",
+                          help="MLflow tracking URI (default %(default)s)")
+    backtest.add_argument("--model-name", help="registered model (default decisionflow-risk)")
+    backtest.add_argument("--json", action="store_true", help="machine-readable output")
+    backtest.set_defaults(func=cmd_policy_backtest)
     trigger = sub.add_parser("trigger", help="unpause and trigger a DAG through the REST API")
     trigger.add_argument("dag_id")
     trigger.add_argument("--wait", action="store_true", help="wait for the run to finish; non-zero unless success")

@@ -33,7 +33,18 @@ if TYPE_CHECKING:
 
     from decisionflow.decisions.policy import Policy
 
-__all__ = ["BASELINES", "BacktestReport", "BacktestRow", "backtest", "generated_backtest", "labelled_history"]
+__all__ = [
+    "BASELINES",
+    "BacktestInputError",
+    "BacktestReport",
+    "BacktestRow",
+    "backtest",
+    "champion_scores",
+    "generated_backtest",
+    "labelled_history",
+    "read_history",
+    "scores_from_file",
+]
 
 #: Row names of a :class:`BacktestReport`, in print order.
 POLICY = "policy"
@@ -310,3 +321,102 @@ def generated_backtest(policy: Policy, *, events: int = 20_000, seed: int = 0, t
     report.source = {"generated_events": events, "seed": seed, "labels": "truth" if truth else "observed",
                      "holdout_rows": len(frame), "trained_on_rows": len(train) - len(frame)}
     return report
+
+
+class BacktestInputError(ValueError):
+    """The history, the scores or the model a backtest needs cannot be had; the message names layer and remedy."""
+
+
+def read_history(lake_root: str, *, since: Any = None, until: Any = None,
+                 storage_options: dict[str, str] | None = None) -> pd.DataFrame:
+    """``gold/transactions_enriched`` rows with ``since <= event_time < until`` (read with ``deltalake``)."""
+    import pandas as pd
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    from decisionflow.constants import GOLD_ENRICHED_TABLE
+    from decisionflow.lakehouse.tables import join_path
+
+    path = join_path(lake_root, GOLD_ENRICHED_TABLE)
+    try:
+        table = DeltaTable(path, storage_options=storage_options)
+    except TableNotFoundError as exc:
+        raise BacktestInputError(f"[lake] {GOLD_ENRICHED_TABLE} does not exist at {path} -- remedy: run "
+                                 "build_lakehouse (or pass --lake ROOT)") from exc
+    frame = table.to_pandas()
+    frame["event_time"] = pd.to_datetime(frame["event_time"], utc=True)
+    if "labelled_at" in frame.columns:
+        frame["labelled_at"] = pd.to_datetime(frame["labelled_at"], utc=True)
+    if since is not None:
+        frame = frame[frame["event_time"] >= _utc(since)]
+    if until is not None:
+        frame = frame[frame["event_time"] < _utc(until)]
+    return frame.sort_values(["event_time", "event_id"], kind="mergesort").reset_index(drop=True)
+
+
+def _utc(value: Any) -> pd.Timestamp:
+    import pandas as pd
+
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def scores_from_file(frame: pd.DataFrame, path: str) -> np.ndarray:
+    """The ``score`` of each row of ``frame``, joined by ``event_id`` from a parquet file (event_id, score)."""
+    import pandas as pd
+
+    given = pd.read_parquet(path)
+    missing = [c for c in ("event_id", "score") if c not in given.columns]
+    if missing:
+        raise BacktestInputError(f"[scores] {path} lacks column(s) {missing} (needs event_id, score)")
+    joined = frame[["event_id"]].merge(given[["event_id", "score"]].drop_duplicates("event_id"), on="event_id",
+                                       how="left")
+    absent = int(joined["score"].isna().sum())
+    if absent == len(frame) and len(frame):
+        raise BacktestInputError(f"[scores] {path} has no score for any of the {len(frame)} history rows "
+                                 "(event_id mismatch?)")
+    return joined["score"].to_numpy(dtype=np.float64)
+
+
+def champion_scores(frame: pd.DataFrame, tracking_uri: str, model_name: str | None = None,
+                    version: str | None = None) -> tuple[np.ndarray, Thresholds, dict[str, Any]]:
+    """Score ``frame`` with a registered model version (default: the ``champion`` alias) from MLflow.
+
+    Returns the scores, the thresholds its training run logged (``evaluation/thresholds.json``) and what was
+    used (name, version, run id). :class:`BacktestInputError` names the layer and the remedy.
+    """
+    import mlflow.sklearn
+
+    from decisionflow.constants import CHAMPION_ALIAS, MODEL_NAME
+    from decisionflow.models.pipeline import MODEL
+    from decisionflow.models.tracking import (
+        import_skops,
+        mlflow_client,
+        read_thresholds,
+        run_feature_columns,
+        use_mlflow_server,
+    )
+    from decisionflow.models.training import predict_scores
+
+    name = model_name or MODEL_NAME
+    client = mlflow_client(tracking_uri)
+    try:
+        mv = (client.get_model_version(name, version) if version
+              else client.get_model_version_by_alias(name, CHAMPION_ALIAS))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises RestException / MlflowException / connection errors
+        which = f"version {version}" if version else f"alias @{CHAMPION_ALIAS}"
+        raise BacktestInputError(f"[mlflow] {name} {which} not found at {tracking_uri}: {exc} -- remedy: train and "
+                                 "promote a model (train_risk_model), or pass --scores / --tracking-uri") from exc
+    run = client.get_run(mv.run_id)
+    thresholds = read_thresholds(client, mv.run_id).get(MODEL)
+    if thresholds is None:
+        raise BacktestInputError(f"[mlflow] run {mv.run_id} of {name} v{mv.version} logged no model thresholds")
+    import_skops()
+    with use_mlflow_server(client):
+        model = mlflow.sklearn.load_model(f"models:/{name}/{mv.version}")
+    features = run_feature_columns(run) or [str(c) for c in getattr(model, "feature_names_in_", [])]
+    absent = [c for c in features if c not in frame.columns]
+    if absent:
+        raise BacktestInputError(f"[lake] the history lacks the model's feature column(s) {absent}")
+    scores = predict_scores(model, frame, features)
+    return scores, thresholds, {"model_name": name, "model_version": str(mv.version), "model_run_id": mv.run_id}
