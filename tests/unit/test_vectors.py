@@ -157,8 +157,8 @@ def test_query_text_is_deterministic_and_coarse():
     assert vs.query_text({**TXN, "txn_count_1h": 1}) != text
     quiet = vs.query_text({"channel": "card_present", "mcc": "5411", "amount_to_avg_7d": 1.0, "txn_count_1h": 1,
                            "distinct_devices_24h": 1, "seconds_since_prev_txn": 86400.0})
-    assert quiet == ("Card-present purchase in a shop at a grocery merchant. Amount typical for the customer's usual "
-                     "spend. Few transactions in the last hour. Usual device of the customer.")
+    assert quiet == ("In-store purchase at a grocery merchant. Amount typical for this customer. Routine: amount, "
+                     "place and device are typical for this customer.")
     assert "merchant category 1234" in vs.query_text({"mcc": "1234", "amount_to_avg_7d": float("nan")})
 
 

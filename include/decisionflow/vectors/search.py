@@ -265,7 +265,7 @@ MCC_CATEGORIES = {
     "5999": "retail", "6011": "ATM", "6051": "crypto exchange", "7011": "hotel", "7995": "gambling",
 }
 CHANNEL_WORDS = {
-    "card_present": "Card-present purchase in a shop",
+    "card_present": "In-store purchase",
     "ecommerce": "Online purchase at a web shop",
     "mobile": "Mobile app payment",
     "atm": "ATM cash withdrawal",
@@ -296,6 +296,7 @@ def query_text(row: Mapping[str, Any]) -> str:
     category = MCC_CATEGORIES.get(mcc, f"merchant category {mcc}" if mcc else "unknown merchant category")
     article = "an" if category[:1].lower() in "aeiou" else "a"
     parts = [f"{CHANNEL_WORDS.get(channel, 'Payment')} at {article} {category} merchant."]
+    unusual = False
 
     ratio = _number(row, "amount_to_avg_7d")
     if ratio is None:
@@ -303,42 +304,52 @@ def query_text(row: Mapping[str, Any]) -> str:
     elif ratio < 0.5:
         parts.append("Small amount for this customer.")
     elif ratio < 2:
-        parts.append("Amount typical for the customer's usual spend.")
+        parts.append("Amount typical for this customer.")
     elif ratio < 5:
         parts.append("High amount, a few times the customer's usual spend.")
+        unusual = True
     else:
         parts.append("Very high amount, many times the customer's usual spend.")
+        unusual = True
 
     count = _number(row, "txn_count_1h")
-    if count is not None:
-        if count >= 6:
-            parts.append("Burst of many transactions within minutes.")
-        elif count >= 3:
-            parts.append("Several transactions within the hour.")
-        else:
-            parts.append("Few transactions in the last hour.")
+    if count is not None and count >= 6:
+        parts.append("Burst of many transactions within minutes.")
+        unusual = True
+    elif count is not None and count >= 3:
+        parts.append("Several transactions within the hour.")
+        unusual = True
 
     devices = _number(row, "distinct_devices_24h")
-    if devices is not None:
-        parts.append("Several different devices today, device never seen before." if devices >= 3 else
-                     "A new device not seen before on this account." if devices >= 2 else
-                     "Usual device of the customer.")
+    if devices is not None and devices >= 3:
+        parts.append("Several different devices today, device never seen before.")
+        unusual = True
+    elif devices is not None and devices >= 2:
+        parts.append("A new device not seen before on this account.")
+        unusual = True
 
     countries = _number(row, "distinct_countries_24h")
     if countries is not None and countries >= 2:
-        parts.append("Card used in another country the same day.")
+        parts.append("Used in another country the same day.")
+        unusual = True
 
     gap = _number(row, "seconds_since_prev_txn")
     if gap is None:
         parts.append("First transaction seen on the account.")
     elif gap < 120:
         parts.append("Seconds after the previous transaction.")
+        unusual = True
     elif gap < 3600:
         parts.append("Minutes after the previous transaction.")
     elif gap > 14 * 86400:
         parts.append("First transaction after weeks of inactivity.")
+        unusual = True
 
     merchant_rate = _number(row, "merchant_fraud_rate")
     if merchant_rate is not None and merchant_rate >= 0.2:
         parts.append("Merchant has several fraud disputes on record.")
+        unusual = True
+    if not unusual:
+        # the words investigators use when a review finds nothing unusual
+        parts.append("Routine: amount, place and device are typical for this customer.")
     return " ".join(parts)
