@@ -116,6 +116,17 @@ RANGE_RULES: dict[str, tuple[Rule, ...]] = {
         _AMOUNT, *_ACCOUNT_RULES, *_MERCHANT_RULES,
         Rule("label_consistent", "(label IS NULL) = (labelled_at IS NULL) AND (label IS NULL) = (is_fraud IS NULL)"),
     ),
+    # written by decisionflow.decisions.audit / .outbox (delta-rs), which validate the same before writing
+    "gold/decisions": (
+        Rule("decision_known", "decision IN ('approve', 'review', 'decline')"),
+        Rule("versions_filled", "model_version <> '' AND policy_version <> ''"),
+        Rule("score_finite", "NOT isnan(score) AND abs(score) < double('Infinity')"),
+    ),
+    "gold/decision_actions": (
+        Rule("channel_known", "channel IN ('kafka', 'webhook')"),
+        Rule("status_known", "status IN ('pending', 'sent', 'failed')"),
+        Rule("sent_has_sent_at", "(status = 'sent') = (sent_at IS NOT NULL)"),
+    ),
 }
 
 

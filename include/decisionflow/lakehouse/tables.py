@@ -527,6 +527,72 @@ _TABLES: tuple[TableSpec, ...] = (
     ),
 )
 
+# The decision loop's own tables: written by delta-rs (decisionflow.decisions.audit / .outbox, no Spark), declared
+# here so the migrate job, OPTIMIZE/VACUUM and the quality report cover them like every other table. delta-rs
+# creates them with the same columns, NOT NULL flags and properties when a decision run comes first.
+_DECISION_TABLES: tuple[TableSpec, ...] = (
+    TableSpec(
+        name="gold/decisions",
+        columns=(
+            _c("decision_id", "STRING", "uuid5 of (event_id, policy_version): the same decision on every retry",
+               null=False),
+            _c("event_id", "STRING", "the decided transaction", null=False),
+            _c("account_id", "STRING", null=False),
+            _c("merchant_id", "STRING", null=False),
+            _c("event_time", "TIMESTAMP", "the transaction's event time (UTC)", null=False),
+            _c("decided_at", "TIMESTAMP", "when the decision run decided it (UTC)", null=False),
+            _c("run_id", "STRING", "the Airflow run that decided it", null=False),
+            _c("decision", "STRING", "approve | review | decline", null=False),
+            _c("reason_codes", "ARRAY<STRING>", "why, as stable codes", null=False),
+            _c("score", "DOUBLE", "the model's fraud score", null=False),
+            _c("model_name", "STRING", null=False),
+            _c("model_version", "STRING", "registered model version pinned for the run", null=False),
+            _c("model_run_id", "STRING", "MLflow run that trained that version", null=False),
+            _c("features", "STRING", "JSON object of the feature values the model saw", null=False),
+            _c("similar_cases", "STRING", "JSON list of similar past cases, or {searched: false, reason}",
+               null=False),
+            _c("policy_name", "STRING", null=False),
+            _c("policy_version", "STRING", null=False),
+            _c("escalated", "BOOLEAN", "handed to the review queue", null=False),
+            _c("rationale", "STRING", "deterministic text: what decided it", null=False),
+            _c("actions", "ARRAY<STRING>", "actions the decision triggers (empty: none)", null=False),
+        ),
+        keys=("decision_id",),
+        zorder_by=("account_id", "event_time"),
+        description="Audit trail: one row per decision (event_id x policy version), written once by MERGE "
+                    "insert-if-absent and never rewritten.",
+    ),
+    TableSpec(
+        name="gold/decision_actions",
+        columns=(
+            _c("decision_id", "STRING", null=False),
+            _c("channel", "STRING", "kafka | webhook", null=False),
+            _c("event_id", "STRING", null=False),
+            _c("run_id", "STRING", "the run that enqueued it", null=False),
+            _c("idempotency_key", "STRING", "<decision_id>:<channel>, sent with the record", null=False),
+            _c("payload", "STRING", "JSON: the audit record (kafka) or the decision's actions (webhook)",
+               null=False),
+            _c("status", "STRING", "pending | sent | failed", null=False),
+            _c("attempts", "INT", "delivery attempts started", null=False),
+            _c("last_error", "STRING", "why the last attempt failed"),
+            _c("enqueued_at", "TIMESTAMP", null=False),
+            _c("claimed_at", "TIMESTAMP", "first delivery attempt (kafka: with kafka_scan_from)"),
+            _c("kafka_scan_from", "STRING", "JSON {partition: offset}: topic end offsets before the first send"),
+            _c("sent_at", "TIMESTAMP"),
+            _c("kafka_topic", "STRING"),
+            _c("kafka_partition", "INT"),
+            _c("kafka_offset", "BIGINT"),
+            _c("http_status", "INT", "the webhook's answer"),
+            _c("updated_at", "TIMESTAMP", "last status change", null=False),
+        ),
+        keys=("decision_id", "channel"),
+        zorder_by=("status", "run_id"),
+        description="Action outbox: one row per (decision_id, channel) with its delivery status; a row is sent "
+                    "at most once per channel (Kafka read-back, webhook Idempotency-Key).",
+    ),
+)
+_TABLES = _TABLES + _DECISION_TABLES
+
 #: Every declared table by name, in dependency order (silver and quarantine first, gold last).
 TABLES: dict[str, TableSpec] = {spec.name: spec for spec in _TABLES}
 
