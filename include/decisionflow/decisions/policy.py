@@ -722,18 +722,17 @@ class Policy:
         decision = np.asarray(DECISIONS, dtype=object)[severity]
         band_names = np.asarray(DECISIONS, dtype=object)[band]
 
-        # Reason codes and rationale: per-row lists, filled per rule over its hit rows (no loop over the batch).
+        # Reason codes and rationale: per-row lists, filled per rule over its hit rows (no loop over the batch
+        # beyond building the output lists themselves).
         band_codes = [self.bands[d].reason_code for d in DECISIONS]
         reason_codes: list[list[str]] = [[band_codes[b]] for b in band.tolist()]
-        score_text = [("no score" if math.isnan(v) else f"score {v:.4f}") for v in s.tolist()]
-        parts: list[list[str]] = [[f"{t} -> band {b} (review >= {eff.review:.4f}, decline >= {eff.decline:.4f})"]
-                                  for t, b in zip(score_text, band_names.tolist())]
+        extras: dict[int, list[str]] = {}
 
-        def note(mask: np.ndarray, code: str, text: str) -> None:
+        def note(mask: np.ndarray, code: str | None, text: str) -> None:
             for i in np.flatnonzero(mask).tolist():
-                if code not in reason_codes[i]:
+                if code is not None and code not in reason_codes[i]:
                     reason_codes[i].append(code)
-                parts[i].append(text)
+                extras.setdefault(i, []).append(text)
 
         overridden_first = np.zeros(n, dtype=bool)
         for r in self.rules:
@@ -744,21 +743,30 @@ class Policy:
         for r in self.rules:
             if not r.override:
                 note(hits[r.id], r.reason_code, f"rule {r.id} -> at least {r.outcome}")
+        for i in np.flatnonzero(given).tolist():
+            extras.setdefault(i, []).append(f"similar cases: {fraud[i]}/{known[i]} known fraud")
         if rule is not None:
-            note(similar_hit, rule.reason_code, f"similar cases: fraud share >= {rule.fraud_share_at_least:.2f} "
-                                                f"among >= {rule.min_known} known of top {rule.k} -> at least "
-                                                f"{rule.outcome}")
-            for i in np.flatnonzero(given & ~similar_hit).tolist():
-                parts[i].append(f"similar cases: {fraud[i]}/{known[i]} known fraud (no escalation)")
+            note(similar_hit, rule.reason_code, f"fraud share >= {rule.fraud_share_at_least:.2f} among >= "
+                                                f"{rule.min_known} known of top {rule.k} -> at least {rule.outcome}")
         note(missing, mf.reason_code, f"missing feature or score -> at least {mf.outcome}")
         note(overflowed, self.review_budget.overflow_reason_code,
              f"review budget of {capacity} exceeded, lower score -> {self.review_budget.overflow_decision}")
 
-        base_actions = {d: self.actions[d] for d in DECISIONS}
-        extra = self.review_budget.overflow_actions
-        actions = [list(base_actions[d]) + (list(extra) if o else [])
-                   for d, o in zip(decision.tolist(), overflowed.tolist())]
-        rationale = [f"{'; '.join(p)} => {d}" for p, d in zip(parts, decision.tolist())]
+        base_actions = [list(self.actions[d]) for d in DECISIONS]
+        overflow_actions = [a + list(self.review_budget.overflow_actions) for a in base_actions]
+        actions = [list(base_actions[v]) for v in severity.tolist()]
+        for i in np.flatnonzero(overflowed).tolist():
+            actions[i] = list(overflow_actions[severity[i]])
+        bands_text = [f" -> band {d} (review >= {eff.review:.4f}, decline >= {eff.decline:.4f})" for d in DECISIONS]
+        with np.errstate(invalid="ignore"):
+            score_text = np.char.mod("score %.4f", s).tolist()
+        for i in np.flatnonzero(np.isnan(s)).tolist():
+            score_text[i] = "no score"
+        decided = [f" => {d}" for d in DECISIONS]
+        rationale = [score_text[i] + bands_text[b] + decided[v]
+                     for i, (b, v) in enumerate(zip(band.tolist(), severity.tolist()))]
+        for i, texts in extras.items():
+            rationale[i] = score_text[i] + bands_text[band[i]] + "; " + "; ".join(texts) + decided[severity[i]]
         return PolicyDecisions(decision=decision, band=band_names, reason_codes=reason_codes, actions=actions,
                                escalated=decision == "review", rationale=rationale, overflowed=overflowed,
                                similar_evaluated=given, thresholds=eff)
