@@ -151,6 +151,8 @@ def validate_decisions(rows: pa.Table | pd.DataFrame | Sequence[dict]) -> pa.Tab
 
     table = _to_arrow(rows)
     schema = audit_schema()
+    if table.num_rows == 0:  # an empty frame's columns have no useful types (pandas says float64)
+        return schema.empty_table()
     missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise AuditError(missing[0], f"missing from the batch (columns missing: {missing})")

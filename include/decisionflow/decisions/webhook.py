@@ -144,14 +144,14 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], store: EffectStore):
         super().__init__(address, _Handler)
         self.store = store
-        self._faults: list[int | str] = []
+        self._faults: list[int | str | None] = []  # None: answer this one normally
         self._faults_lock = threading.Lock()
 
     def take_fault(self) -> int | str | None:
         with self._faults_lock:
             return self._faults.pop(0) if self._faults else None
 
-    def add_faults(self, faults: list[int | str]) -> None:
+    def add_faults(self, faults: list[int | str | None]) -> None:
         with self._faults_lock:
             self._faults.extend(faults)
 
@@ -186,7 +186,8 @@ class WebhookReceiver:
 
     def start(self) -> WebhookReceiver:
         self._server = _Server((self.host, self._port), self.store)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-receiver", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="webhook-receiver", daemon=True)
         self._thread.start()
         return self
 
@@ -209,9 +210,9 @@ class WebhookReceiver:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def fail_next(self, count: int = 1, status: int = 503) -> None:
-        """Answer the next ``count`` POSTs with ``status`` and apply nothing."""
-        self._require().add_faults([status] * count)
+    def fail_next(self, count: int = 1, status: int = 503, *, after: int = 0) -> None:
+        """Answer ``count`` POSTs with ``status`` and apply nothing, once ``after`` more have passed normally."""
+        self._require().add_faults([None] * after + [status] * count)
 
     def drop_next(self, count: int = 1) -> None:
         """Apply the next ``count`` POSTs, then close their connection without an answer."""
