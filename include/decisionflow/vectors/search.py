@@ -15,8 +15,9 @@ Batching with per-query filters: a Milvus search request carries one filter for 
 (``expr_params`` templating is rejected by Milvus Lite 3.2). Queries whose ``before`` times have no note
 created between them see exactly the same notes, so they are grouped and share one filter
 (``created_at_ms < min(before)`` of the group) - exact, not an approximation. The note creation times that split
-groups are read once per batch with a small ``query`` over ``[min(before), max(before))``. A decision run over
-recent transactions is typically one group; a replay of history makes more, smaller requests.
+groups are read once per batch with a small ``query`` over ``[min(before), max(before))``. Within a group, equal
+query texts have equal answers, so each distinct text is searched once (query texts are coarse on purpose). A
+decision run over recent transactions is typically one group; a replay of history makes more, smaller requests.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class SimilarCaseSearch:
         :param queries: the transactions' queries.
         :param k: notes per query.
         :param hybrid: dense + BM25 fused by RRF; ``False``: dense only (cosine).
-        :param batch_size: queries per Milvus request.
+        :param batch_size: distinct query texts per Milvus request.
         :raises SimilarCaseSearchError: missing or empty collection, Milvus unreachable.
         """
         self.last_requests = 0
@@ -167,19 +168,25 @@ class SimilarCaseSearch:
 
         results: list[list[SimilarCase]] = [[] for _ in queries]
         for group in self._groups(befores):
-            for start in range(0, len(group), batch_size):
-                members = group[start:start + batch_size]
-                limit = k + (EXCLUDE_SLACK if any(queries[i].exclude_event_id for i in members) else 0)
-                hits = self._request([vectors[texts[i]] for i in members], [texts[i] for i in members],
-                                     f"created_at_ms < {min(befores[i] for i in members)}", limit, hybrid)
-                for i, found in zip(members, hits, strict=True):
-                    cases = self._cases(found, queries[i], befores[i])
-                    if len(cases) < k and len(found) >= limit:
-                        # excluding the event's own notes left too few: ask again with the exclusion in the filter
-                        flt = (f"created_at_ms < {befores[i]} and event_id != {_quote(queries[i].exclude_event_id)}")
-                        cases = self._cases(self._request([vectors[texts[i]]], [texts[i]], flt, k, hybrid)[0],
-                                            queries[i], befores[i])
-                    results[i] = cases[:k]
+            # members of a group see the same notes, so equal texts get equal answers: search each text once
+            by_text: dict[str, list[int]] = {}
+            for i in group:
+                by_text.setdefault(texts[i], []).append(i)
+            distinct = list(by_text)
+            bound = min(befores[i] for i in group)
+            limit = k + (EXCLUDE_SLACK if any(queries[i].exclude_event_id for i in group) else 0)
+            for start in range(0, len(distinct), batch_size):
+                chunk = distinct[start:start + batch_size]
+                hits = self._request([vectors[t] for t in chunk], chunk, f"created_at_ms < {bound}", limit, hybrid)
+                for text, found in zip(chunk, hits, strict=True):
+                    for i in by_text[text]:
+                        cases = self._cases(found, queries[i], befores[i])
+                        if len(cases) < k and len(found) >= limit:
+                            # excluding the event's own notes left too few: ask again with the exclusion in the filter
+                            flt = f"created_at_ms < {befores[i]} and event_id != {_quote(queries[i].exclude_event_id)}"
+                            cases = self._cases(self._request([vectors[text]], [text], flt, k, hybrid)[0],
+                                                queries[i], befores[i])
+                        results[i] = cases[:k]
         return results
 
     def _groups(self, befores: list[int]) -> list[list[int]]:
