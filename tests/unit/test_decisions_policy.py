@@ -307,3 +307,21 @@ def test_decide_is_deterministic_and_fast_on_50k_rows():
           f"mix {out.mix()}", file=sys.stderr)
     again = policy.decide(frame, scores, THR, similar=copy.deepcopy(similar))
     assert again.decision.tolist() == out.decision.tolist() and again.rationale == out.rationale
+
+
+def test_condition_ops_any_and_long_lists_with_nulls():
+    codes = [f"{i:04d}" for i in range(100)]  # a long list: np.isin would sort it against None
+    rules = [
+        {"id": "listed", "when": {"field": "mcc", "op": "in", "value": codes}, "outcome": {"at_least": "review"},
+         "reason_code": "BIG"},
+        {"id": "odd", "when": {"any": [{"field": "country", "op": "not_in", "value": ["DE", "FR"]},
+                                       {"field": "device_id", "op": "is_null"}]},
+         "outcome": {"at_least": "review"}, "reason_code": "BURST"},
+    ]
+    p = Policy.from_dict(small(rules=rules))
+    frame = batch(4, mcc=["0042", None, "5999", "5999"], country=["DE", "DE", "US", None],
+                  device_id=["d1", "d2", "d3", None])
+    out = p.decide(frame, np.zeros(4), THR)
+    # row 1: mcc NULL is not in the list; row 3: country NULL is not "not in" (SQL), but device_id IS NULL
+    assert out.decision.tolist() == ["review", "approve", "review", "review"]
+    assert out.reason_codes[0] == ["LOW", "BIG"] and out.reason_codes[2] == ["LOW", "BURST"]

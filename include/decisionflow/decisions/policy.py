@@ -24,6 +24,38 @@ Precedence, in this order (deterministic, no row depends on another except throu
 6. **review budget**: reviews beyond the budget that are not exempt (missing features, rules with
    ``budget_exempt: true``) become ``overflow_decision``, lowest scores first (the highest-scoring reviews stay).
 
+Schema (unknown keys are rejected by name at every level)::
+
+    name: str                     version: "str" (quoted)           description: str (optional)
+    bands:                        # thresholds from the champion's; review > decline is clipped to decline
+      approve: {reason_code: CODE}
+      review:  {reason_code: CODE, offset: float | value: float}    # offset on the champion's, or absolute
+      decline: {reason_code: CODE, offset: float | value: float}
+    rules:                        # optional list, evaluated in file order
+      - id: snake_case            # unique
+        description: str          # optional
+        when: CONDITION           # {field, op, value} | {all: [CONDITION, ...]} | {any: [CONDITION, ...]}
+        outcome: decline | {at_least: review|decline} | approve|review (only with override: true)
+        override: false           # true: sets the outcome exactly, even milder (first matching override wins)
+        budget_exempt: false      # true: its reviews are never dropped by the budget
+        reason_code: CODE
+    # CONDITION field: amount currency mcc channel country device_id ip, a gold feature, or score (never memo);
+    #   op: eq ne lt le gt ge (numbers only) in not_in (non-empty list) is_null not_null (no value);
+    #   values of text fields must be strings ("5411"), of numeric fields finite numbers.
+    similar_cases:                # optional
+      k: int                      # top-k similar cases considered (best first)
+      min_known: int              # fewest of them with a known outcome (fraud | legit) to judge
+      fraud_share_at_least: float # fraud / known at or above this escalates
+      outcome: {at_least: review} | decline
+      reason_code: CODE
+      search_when: {score_from_review_factor: float | null, below_decline: true, rule_hits: true}
+    missing_features: {required: [feature, ...], outcome: {at_least: review} | decline, reason_code: CODE}
+    review_budget: {share: float | count: int, min_count: int, overflow_decision: approve | decline,
+                    overflow_reason_code: CODE, overflow_actions: [action, ...]}
+    actions: {approve: [action, ...], review: [...], decline: [...]}     # action names: snake_case
+    reason_codes: {CODE: description, ...}   # UPPER_SNAKE; every code used above must be declared here
+    costs: {missed_fraud: float, review: float, false_decline: float}   # CostModel
+
 Conditions follow SQL on NULL: every comparison with a NULL value is false (``ne`` and ``not_in`` too); only
 ``is_null`` matches it. A malformed file fails at :meth:`Policy.load` with :class:`PolicyError` naming the
 file, the rule (index and id) and the field.
@@ -134,7 +166,10 @@ class Condition:
         if op == "not_null":
             return ~null
         if op in _LIST_OPS:
-            hit = np.isin(values, np.asarray(self.value, dtype=values.dtype if values.dtype != object else object))
+            import pandas as pd
+
+            # hash-based (pandas), not np.isin: that sorts long lists, which fails on None among strings
+            hit = pd.Series(values, copy=False).isin(list(self.value)).to_numpy(dtype=bool)
             return (hit if op == "in" else ~hit) & ~null
         with np.errstate(invalid="ignore"):
             if op == "eq":
