@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["make_transactions"]
+__all__ = ["make_enriched_transactions", "make_transactions"]
 
 
 def make_transactions(n: int = 3000, seed: int = 4, days: int = 30) -> pd.DataFrame:
@@ -64,3 +64,35 @@ def make_transactions(n: int = 3000, seed: int = 4, days: int = 30) -> pd.DataFr
         "merchant_fraud_labels": np.round(np.nan_to_num(fraud_rate) * labels_known),
         "merchant_fraud_rate": fraud_rate,
     })
+
+
+_MCCS = ("5411", "5812", "5732", "5999", "4829", "7995", "5311")
+_CHANNELS = ("card_present", "ecommerce", "mobile", "atm")  # the contract's enum
+_COUNTRIES = ("DE", "FR", "NL", "ES", "GB", "US", "NG")
+
+
+def make_enriched_transactions(n: int = 3000, seed: int = 4, days: int = 30, accounts: int = 400,
+                               merchants: int = 60) -> pd.DataFrame:
+    """:func:`make_transactions` shaped like ``gold/transactions_enriched``: transaction columns, the gold
+    features, ``label`` / ``labelled_at`` / ``is_fraud``; for decision tests and the decision benchmark.
+
+    The transaction columns (account, merchant, mcc, channel, country, device, ip, memo) are seeded noise: the
+    label follows the features only, as in :func:`make_transactions`.
+    """
+    rng = np.random.default_rng(seed + 1)
+    frame = make_transactions(n, seed=seed, days=days).rename(columns={"event_timestamp": "event_time"})
+    frame["event_id"] = [f"00000000-0000-4000-8000-{seed % 10_000:04d}{i:08d}" for i in range(n)]
+    frame.insert(2, "account_id", [f"acc-{a:06d}" for a in rng.integers(0, accounts, n)])
+    frame.insert(3, "merchant_id", [f"mer-{m:05d}" for m in rng.integers(0, merchants, n)])
+    frame["currency"] = "EUR"
+    frame["mcc"] = rng.choice(_MCCS, n)
+    frame["channel"] = rng.choice(_CHANNELS, n, p=(0.45, 0.35, 0.15, 0.05))
+    frame["country"] = rng.choice(_COUNTRIES, n, p=(0.55, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05))
+    frame["device_id"] = [f"dev-{d:06d}" for d in rng.integers(0, accounts * 2, n)]
+    frame["ip"] = [f"10.{a}.{b}.{c}" for a, b, c in rng.integers(0, 255, (n, 3))]
+    frame["memo"] = None
+    frame["label"] = np.where(frame["is_fraud"], "fraud", "legit")
+    frame["labelled_at"] = frame["event_time"] + pd.Timedelta(days=3)
+    frame["label_source"] = "chargeback"
+    frame["updated_at"] = frame["event_time"]
+    return frame
