@@ -47,3 +47,5 @@ FEATURES_FRESH = Asset(name="features_risk_v1_online", uri="feast://decisionflow
 MODEL_CHAMPION = Asset(name="model_risk_champion", uri="mlflow://registry/decisionflow-risk@champion", group="models")
 #: The Milvus similar-case memory matches silver: emitted by ``sync_case_embeddings`` with its watermark in ``extra``.
 CASE_EMBEDDINGS = Asset(name="case_embeddings", uri="milvus://decisionflow/case_notes", group="vectors")
+#: Decisions were recorded: emitted by ``run_decisions`` with the run's mix, model and policy versions in ``extra``.
+DECISIONS = Asset(name="decisions", uri="delta://lake/gold/decisions", group="decisions")

@@ -1,0 +1,230 @@
+"""Decision operators: run the decision graph over undecided transactions; score the decisions against labels."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from decisionflow import constants
+
+if TYPE_CHECKING:
+    from airflow.sdk import Asset, Context
+
+#: The policy shipped with the project (package data).
+DEFAULT_POLICY = str(Path(__file__).resolve().parents[1] / "policies" / "transaction_risk.yaml")
+
+
+#: Partitions of a new ``decisions`` topic (keyed by decision id).
+DECISIONS_TOPIC_PARTITIONS = 3
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:200]
+
+
+class DecisionRunOperator(BaseOperator):
+    """
+    Decide every gold transaction that has no decision yet, once: the LangGraph decision graph
+    (:mod:`decisionflow.decisions.graph`) with a checkpoint per Airflow run.
+
+    Clearing or retrying the task resumes the run's graph after its last finished node; a finished run does
+    nothing again. The audit rows (``gold/decisions``) and the outbox make every side effect happen once.
+
+    :param policy_path: the policy YAML file (default: the shipped ``policies/transaction_risk.yaml``).
+    :param lake_conn_id: ``delta_lake`` connection whose root holds gold and the decision tables.
+    :param mlflow_conn_id: MLflow connection; the run pins its registry's ``champion`` version at the start.
+    :param milvus_conn_id: Milvus connection of the ``case_notes`` collection; a missing connection or an
+        unreachable server degrades to deciding without the similar-case rule, saying so in every affected audit
+        row and in the log.
+    :param kafka_conn_id: Kafka connection the ``decisions`` topic is written through.
+    :param webhook_conn_id: HTTP connection of the actions webhook (``host`` a URL, or host/port/schema); when
+        it does not exist the webhook channel is off (logged).
+    :param max_transactions: decide at most this many transactions (oldest first); the rest wait for the next
+        run. ``None``: all of them.
+    :param similar_k: similar cases kept per transaction.
+    :param decisions_asset: the asset whose event carries the run's summary (mix, model and policy versions).
+    :param checkpoint_path: the SQLite checkpoint file (default ``$DECISIONFLOW_DATA/decisions/checkpoints.sqlite``).
+    """
+
+    template_fields = ("max_transactions", "policy_path")
+
+    def __init__(self, *, policy_path: str = DEFAULT_POLICY, lake_conn_id: str = "lake_default",
+                 mlflow_conn_id: str = "mlflow_default", milvus_conn_id: str = "milvus_default",
+                 kafka_conn_id: str = "kafka_default", webhook_conn_id: str = constants.ACTIONS_WEBHOOK_CONN_ID,
+                 max_transactions: int | str | None = None, similar_k: int = 5,
+                 decisions_asset: Asset | None = None, checkpoint_path: str | None = None, **kwargs) -> None:
+        if decisions_asset is not None:
+            kwargs["outlets"] = [*kwargs.get("outlets", []), decisions_asset]
+        super().__init__(**kwargs)
+        self.policy_path = policy_path
+        self.lake_conn_id = lake_conn_id
+        self.mlflow_conn_id = mlflow_conn_id
+        self.milvus_conn_id = milvus_conn_id
+        self.kafka_conn_id = kafka_conn_id
+        self.webhook_conn_id = webhook_conn_id
+        self.max_transactions = max_transactions
+        self.similar_k = similar_k
+        self.decisions_asset = decisions_asset
+        self.checkpoint_path = checkpoint_path
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+    def _similar_source(self):
+        from decisionflow.decisions.graph import MilvusSimilarCases
+        from decisionflow.hooks.milvus import MilvusHook
+        from decisionflow.vectors.embedders import embedder_from_config
+
+        try:
+            hook = MilvusHook(self.milvus_conn_id)
+            hook.uri  # noqa: B018 - resolves the connection now: a missing one is reported here
+        except Exception as exc:  # noqa: BLE001
+            self.log.warning("[milvus] connection %s unusable (%s): deciding without similar cases -- remedy: "
+                             "define it (see airflow_settings.yaml)", self.milvus_conn_id, exc)
+            return None
+        from decisionflow import config
+
+        cache = config.data_dir() / "embeddings"
+        return MilvusSimilarCases(hook.get_client, lambda: embedder_from_config(cache_dir=cache))
+
+    def _webhook_url(self) -> tuple[str | None, dict[str, str]]:
+        from airflow.sdk import BaseHook
+
+        try:
+            conn = BaseHook.get_connection(self.webhook_conn_id)
+        except Exception:  # noqa: BLE001 - AirflowNotFoundException: the channel is simply not configured
+            self.log.info("no %s connection: the webhook channel is off", self.webhook_conn_id)
+            return None, {}
+        host = conn.host or ""
+        if "://" in host:
+            url = host
+        else:
+            url = f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
+        extra = conn.extra_dejson or {}
+        path = str(extra.get("path", "/actions"))
+        headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
+        if conn.password:
+            headers.setdefault("Authorization", f"Bearer {conn.password}")
+        return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
+
+    def _deliverers(self, run_id: str):
+        from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
+        from decisionflow.hooks.kafka import KafkaHook
+
+        # The connection's librdkafka settings; the outbox adds its own producer/consumer settings on top.
+        hook = KafkaHook(kafka_config_id=self.kafka_conn_id)
+        kafka_config = dict(hook.config)
+        channels = [("kafka", lambda outbox: deliver_kafka(
+            outbox, kafka_config, topic=constants.DECISIONS_TOPIC,
+            ensure_topic=lambda topic: hook.ensure_topic(topic, DECISIONS_TOPIC_PARTITIONS)))]
+        url, headers = self._webhook_url()
+        if url:
+            channels.append(("webhook", lambda outbox: deliver_webhook(outbox, url, headers=headers)))
+        return channels
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from decisionflow import config
+        from decisionflow.decisions.graph import (
+            DecisionContext,
+            DecisionRunError,
+            MlflowModelSource,
+            run_decisions,
+            sqlite_checkpointer,
+        )
+        from decisionflow.decisions.policy import Policy
+        from decisionflow.hooks.lake import LakeHook
+        from decisionflow.hooks.mlflow import MlflowHook
+
+        dag_id, run_id = context["dag"].dag_id, context["run_id"]
+        lake = LakeHook(self.lake_conn_id)
+        policy = Policy.load(self.policy_path)
+        max_transactions = int(self.max_transactions) if self.max_transactions not in (None, "", "None") else None
+        ctx = DecisionContext(
+            run_id=run_id, lake_root=lake.root, storage_options=lake.storage_options or None,
+            work_dir=config.data_dir() / "decisions" / "runs" / _safe(f"{dag_id}__{run_id}"),
+            policy=policy, models=MlflowModelSource(MlflowHook(self.mlflow_conn_id).tracking_uri),
+            similar=self._similar_source(), deliverers=self._deliverers(run_id),
+            max_transactions=max_transactions, similar_k=self.similar_k,
+        )
+        checkpoints = self.checkpoint_path or str(config.data_dir() / "decisions" / "checkpoints.sqlite")
+        try:
+            with sqlite_checkpointer(checkpoints) as saver:
+                state = run_decisions(ctx, saver, thread_id=f"{dag_id}/{run_id}")
+        except DecisionRunError as exc:
+            from airflow.exceptions import AirflowFailException, AirflowSkipException
+
+            if exc.not_ready:
+                # A fresh stack: no gold or no champion yet. Nothing is decided (never a silent approve); the
+                # transactions wait for the run that follows the first promotion (the DAG runs on it).
+                raise AirflowSkipException(str(exc)) from exc
+            # The same cause fails the same way on every retry: do not burn retries.
+            raise AirflowFailException(str(exc)) from exc
+        summary = {
+            "run_id": run_id, "transactions": state.get("transactions", 0), "mix": state.get("mix", {}),
+            "recorded": state.get("recorded", 0), "review_queued": state.get("review_queued", 0),
+            "model": {k: state["model"][k] for k in ("name", "version", "run_id")} if state.get("model") else None,
+            "policy": {"name": policy.name, "version": policy.version}, "gold_version": state.get("gold_version"),
+            "similar_cases": state.get("similar_summary"), "delivery": state.get("delivery", {}),
+            "timings": state.get("timings", {}),
+        }
+        self.log.info("decided %s transactions: %s; delivery %s", summary["transactions"], summary["mix"],
+                      summary["delivery"])
+        if self.decisions_asset is not None:
+            context["outlet_events"][self.decisions_asset].extra = {
+                k: summary[k] for k in ("run_id", "transactions", "mix", "model", "policy", "gold_version")}
+        return summary
+
+
+class EvaluateDecisionsOperator(BaseOperator):
+    """
+    Score the decisions made so far against the labels known now (and, on generated data, the generator's
+    hidden truth), beside two baselines -- approve everything, and the model's thresholds alone -- and log an
+    evaluation run to MLflow, tagged with the model and policy versions.
+
+    :param lake_conn_id: ``delta_lake`` connection (``gold/decisions``, ``gold/transactions_enriched``).
+    :param mlflow_conn_id: MLflow connection of the evaluation experiment.
+    :param policy_path: the policy whose costs price the outcomes (default: the shipped policy).
+    :param truth_glob: generator truth files (JSON lines) to score against too, relative to the data dir;
+        none found means labels only.
+    :param experiment: MLflow experiment of the evaluation runs.
+    """
+
+    def __init__(self, *, lake_conn_id: str = "lake_default", mlflow_conn_id: str = "mlflow_default",
+                 policy_path: str = DEFAULT_POLICY, truth_glob: str = "generator/truth*.jsonl",
+                 experiment: str = constants.DECISION_EVALUATION_EXPERIMENT, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lake_conn_id = lake_conn_id
+        self.mlflow_conn_id = mlflow_conn_id
+        self.policy_path = policy_path
+        self.truth_glob = truth_glob
+        self.experiment = experiment
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from decisionflow import config
+        from decisionflow.decisions.evaluation import evaluate_decisions, log_evaluation
+        from decisionflow.decisions.policy import Policy
+        from decisionflow.hooks.lake import LakeHook
+        from decisionflow.hooks.mlflow import MlflowHook
+
+        from decisionflow.models.tracking import MODEL, read_thresholds
+
+        lake = LakeHook(self.lake_conn_id)
+        policy = Policy.load(self.policy_path)
+        truth = sorted(config.data_dir().glob(self.truth_glob))
+        client = MlflowHook(self.mlflow_conn_id).get_client()
+        report = evaluate_decisions(lake.root, policy, lambda run_id: read_thresholds(client, run_id)[MODEL],
+                                    storage_options=lake.storage_options or None, truth_paths=truth)
+        self.log.info("decision quality:\n%s", report.format())
+        run_id = log_evaluation(client, self.experiment, report, airflow_run_id=context["run_id"])
+        return {**report.as_dict(), "mlflow_run_id": run_id}
+
+
+def summary_line(summary: Mapping[str, Any]) -> str:
+    """One line for logs and the demo: how many, the mix, model and policy."""
+    mix = ", ".join(f"{k} {v}" for k, v in sorted((summary.get("mix") or {}).items()))
+    model = summary.get("model") or {}
+    policy = summary.get("policy") or {}
+    return (f"{summary.get('transactions', 0)} decided ({mix or 'none'}) with {model.get('name')} "
+            f"v{model.get('version')} and policy {policy.get('name')} {policy.get('version')}")
