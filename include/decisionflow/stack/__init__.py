@@ -20,6 +20,7 @@ from decisionflow.stack.milvus import MilvusService
 from decisionflow.stack.mlflow import MlflowService
 from decisionflow.stack.postgres import PostgresService
 from decisionflow.stack.ray import RayService
+from decisionflow.stack.webhook import WebhookService
 
 __all__ = ["Stack", "StackContext", "ServiceError", "ComponentStatus"]
 
@@ -45,6 +46,7 @@ class Stack:
         self.mlflow = MlflowService(self.ctx)
         self.ray = RayService(self.ctx)
         self.milvus = MilvusService(self.ctx)
+        self.webhook = WebhookService(self.ctx)
         self.api_server = AirflowApiServer(self.ctx)
         self.scheduler = AirflowScheduler(self.ctx)
         self.dag_processor = AirflowDagProcessor(self.ctx)
@@ -52,8 +54,8 @@ class Stack:
 
     @property
     def services(self) -> list[Service]:
-        return [self.postgres, self.kafka, self.mlflow, self.ray, self.milvus, self.api_server, self.scheduler,
-                self.dag_processor, self.triggerer]
+        return [self.postgres, self.kafka, self.mlflow, self.ray, self.milvus, self.webhook, self.api_server,
+                self.scheduler, self.dag_processor, self.triggerer]
 
     def select(self, names: list[str] | None) -> list[Service]:
         if not names:
@@ -86,7 +88,7 @@ class Stack:
                                              self.dag_processor, self.triggerer))
         if needs_pg:
             self._bring_up(self.postgres, timeout)
-        jobs = [s for s in (self.kafka, self.ray, self.mlflow, self.milvus) if s in wanted]
+        jobs = [s for s in (self.kafka, self.ray, self.mlflow, self.milvus, self.webhook) if s in wanted]
         airflow_wanted = [s for s in wanted if s.name.startswith("airflow-")]
         errors: list[ServiceError] = []
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
