@@ -69,9 +69,8 @@ env: ## shell exports for the airflow CLI against the local stack (eval them)
 settings: ## reload airflow_settings.yaml into the running Airflow (no restart)
 	$(BIN)/decisionflow settings load
 
-demo: up ## install, start the stack and run the main job (platform_check) through the REST API
-	$(BIN)/decisionflow trigger platform_check --wait
-	@echo; echo "Airflow UI: http://127.0.0.1:8080  (user admin, password in $(DATA)/airflow/simple_auth_manager_passwords.json.generated)"
+demo: up ## install, start the stack and run the whole loop: seeded events -> ... -> decisions, summary + report
+	$(BIN)/decisionflow demo $(DEMO_ARGS)
 
 test: install ## unit, integration and system tests against real services (TEST_WORKERS pytest processes)
 	$(BIN)/pytest tests -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)

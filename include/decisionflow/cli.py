@@ -8,6 +8,7 @@
     decisionflow settings validate|load [--file F]
     decisionflow trigger DAG_ID [--wait] [--timeout S]   unpause + trigger through the REST API
     decisionflow produce --events N --rate R --seed S ...  seeded transaction-risk events into Kafka
+    decisionflow demo [--events N]       the whole loop: events -> ... -> decisions, a summary and a report
     decisionflow policy validate FILE    check a decision policy file (names file, rule and field on error)
     decisionflow policy backtest --policy FILE [--lake ROOT] [--model-version V | --scores PARQUET |
                                  --generated N] [--since T] [--until T] [--json]
@@ -42,6 +43,17 @@ def cmd_up(args) -> int:
         return 1
     print(f"all healthy in {elapsed:.0f}s\n")
     print(format_status(stack.status()))
+    wanted = args.components or None
+    if not args.paused and (wanted is None or "airflow" in wanted):
+        # Parsed and unpaused: an event produced now flows to a decision with no clicks.
+        from decisionflow.airflow_client import AirflowApiError, AirflowClient
+        from decisionflow.demo import activate_loop
+
+        try:
+            activate_loop(AirflowClient.for_local_stack(stack.ctx))
+        except AirflowApiError as exc:
+            print(f"decisionflow up: the loop DAGs could not be activated -- {exc}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -234,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the local stack")
     up.add_argument("components", nargs="*")
     up.add_argument("--timeout", type=float, default=None, help="seconds to wait for each component's health")
+    up.add_argument("--paused", action="store_true",
+                    help="leave the loop's DAGs paused (default: wait until they are parsed, then unpause them)")
     up.set_defaults(func=cmd_up)
     down = sub.add_parser("down", help="stop the local stack")
     down.add_argument("components", nargs="*")
@@ -250,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--file")
     settings.set_defaults(func=cmd_settings)
     sub.add_parser("produce", help="seeded transaction-risk events into Kafka (see `produce --help`)", add_help=False)
+    sub.add_parser("demo", help="the whole loop on the local stack, ending in decisions and a report (see "
+                                "`demo --help`)", add_help=False)
     policy = sub.add_parser("policy", help="validate or backtest a decision policy file")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     validate = policy_sub.add_parser("validate", help="check a policy file")
@@ -292,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from decisionflow.demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv[:1] == ["produce"]:
         # The generator owns its (long) option list; see `decisionflow produce --help`.
         from decisionflow.risk.generator import main as produce_main
