@@ -53,6 +53,10 @@ def test_three_rows_consistent_with_apply_policy(history):
     table = report.format_table()
     assert "thresholds_only" in table and "approve_all" in table and "cost/txn" in table
     json.dumps(report.as_dict(), allow_nan=False)
+    metrics = report.metrics("eval_")
+    assert metrics["eval_thresholds_only_expected_cost"] == pytest.approx(thr.expected_cost)
+    assert metrics["eval_saving_vs_thresholds"] == pytest.approx(report.saving_vs_thresholds)
+    assert "eval_approve_all_decline_precision" not in metrics  # NaN (no decline) is left out
 
 
 def test_similar_cases_evaluated_and_budget_per_run(history):

@@ -163,6 +163,20 @@ class BacktestReport:
                 "rows": [r.as_dict() for r in self.rows], "saving_vs_thresholds": self.saving_vs_thresholds,
                 "reason_codes": self.reason_codes, "notes": list(self.notes), "source": self.source}
 
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        """Flat ``{prefix}{row}_{metric}`` floats for ``mlflow.log_metrics`` (NaN ones left out), + the saving."""
+        out: dict[str, float] = {}
+        for r in self.rows:
+            for name in ("approve_rate", "review_rate", "decline_rate", "decline_precision", "decline_recall",
+                         "fraud_caught", "expected_cost"):
+                value = float(getattr(r, name))
+                if math.isfinite(value):
+                    out[f"{prefix}{r.name}_{name}"] = value
+            out[f"{prefix}{r.name}_n"] = float(r.n)
+        if math.isfinite(self.saving_vs_thresholds):
+            out[f"{prefix}saving_vs_thresholds"] = float(self.saving_vs_thresholds)
+        return out
+
     def format_table(self) -> str:
         """A small aligned table: one line per row, then the notes."""
         head = ("", "approve", "review", "decline", "decl.prec", "decl.recall", "fraud caught", "cost/txn")
