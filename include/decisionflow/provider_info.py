@@ -12,6 +12,7 @@ _INTEGRATIONS = {
     "Ray": (["decisionflow.hooks.ray"], [], [], []),
     "Milvus": (["decisionflow.hooks.milvus"], ["decisionflow.operators.vectors"], [], []),
     "Feast": (["decisionflow.hooks.feast"], ["decisionflow.operators.feast"], [], []),
+    "decisionflow decisions": ([], ["decisionflow.operators.decisions"], [], []),
     "decisionflow platform": ([], ["decisionflow.operators.platform"], [], []),
 }
 

@@ -13,6 +13,8 @@ Routes:
 * ``GET /effects`` - ``{"keys": n, "deliveries": n, "duplicates": n, "effects": [{"key", "decision_id",
   "actions", "deliveries", "applied_at"}, ...]}`` (``?limit=N``, default 1000 listed; the counts cover all).
 * ``GET /health`` - ``{"ok": true, "keys": n}``.
+* ``POST /control`` - ``{"delay_ms": N}`` makes every later action answer N ms late (a slow downstream, for
+  failure tests); ``0`` restores.
 
 In-process (tests): :class:`WebhookReceiver` (``start()`` / ``stop()`` / context manager, ``.url`` of
 ``/actions``), with fault injection: :meth:`WebhookReceiver.fail_next` answers the next requests with an error
@@ -27,6 +29,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +41,7 @@ __all__ = ["EffectStore", "WebhookReceiver", "main"]
 log = logging.getLogger(__name__)
 
 ACTIONS_PATH = "/actions"
+CONTROL_PATH = "/control"
 _MAX_BODY = 1 << 20
 
 
@@ -114,6 +118,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(min(length, _MAX_BODY)) if length else b""
+        if urlsplit(self.path).path == CONTROL_PATH:
+            self._control(raw)
+            return
         if urlsplit(self.path).path != ACTIONS_PATH:
             self._answer(404, {"ok": False, "error": f"no route POST {self.path}"})
             return
@@ -130,11 +137,27 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as exc:
             self._answer(400, {"ok": False, "error": f"body is not JSON: {exc}"})
             return
+        if self.server.delay_s:
+            time.sleep(self.server.delay_s)  # a slow receiver (tests: a kill that lands mid-send)
         applied = self.server.store.apply(key, body)
         if fault == "drop":  # applied, but the answer is lost: the sender must retry, we must dedupe
             self.close_connection = True  # the server closes the socket with no response written
             return
         self._answer(200, {"ok": True, "duplicate": not applied, "key": key})
+
+
+    def _control(self, raw: bytes) -> None:
+        """``POST /control {"delay_ms": N}``: answer every action N ms late (0: at once). Loopback only."""
+        try:
+            delay = float(json.loads(raw or b"{}").get("delay_ms", 0))
+        except (ValueError, AttributeError, TypeError) as exc:
+            self._answer(400, {"ok": False, "error": f"body must be {{\"delay_ms\": N}}: {exc}"})
+            return
+        if not 0 <= delay <= 10_000:
+            self._answer(400, {"ok": False, "error": f"delay_ms must be within 0..10000, got {delay}"})
+            return
+        self.server.delay_s = delay / 1000
+        self._answer(200, {"ok": True, "delay_ms": delay})
 
 
 class _Server(ThreadingHTTPServer):
@@ -144,6 +167,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], store: EffectStore):
         super().__init__(address, _Handler)
         self.store = store
+        self.delay_s = 0.0
         self._faults: list[int | str | None] = []  # None: answer this one normally
         self._faults_lock = threading.Lock()
 
