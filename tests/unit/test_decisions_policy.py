@@ -71,6 +71,7 @@ def test_shipped_policy_loads_with_version_and_hash():
     used = {r.reason_code for r in policy.rules} | {b.reason_code for b in policy.bands.values()}
     assert used <= set(policy.reason_codes)
     assert not any("memo" in r.when.fields() for r in policy.rules)
+    assert "memo" not in policy.columns() and "score" not in policy.columns() and "mcc" in policy.columns()
 
 
 def test_content_hash_ignores_formatting_but_not_content(tmp_path):

@@ -595,6 +595,13 @@ class Policy:
         return {"policy_name": self.name, "policy_version": self.version, "policy_content_hash": self.content_hash,
                 "rules": len(self.rules), "similar_cases_rule": self.similar_cases is not None}
 
+    def columns(self) -> tuple[str, ...]:
+        """The batch columns :meth:`decide` reads (rule fields and required features; ``score`` is passed apart)."""
+        wanted = set(self.missing_features.required)
+        for rule in self.rules:
+            wanted |= rule.when.fields()
+        return tuple(sorted(wanted - {SCORE_FIELD}))
+
     def thresholds(self, champion: Thresholds) -> Thresholds:
         """The band thresholds: the champion's, each moved by its ``offset`` or replaced by its ``value``."""
         def one(band: Band, base: float) -> float:
@@ -608,13 +615,8 @@ class Policy:
         """(values, null mask) of each referenced column; a referenced column the batch lacks is an error."""
         import pandas as pd
 
-        wanted = set(self.missing_features.required)
-        for rule in self.rules:
-            wanted |= rule.when.fields()
         columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for name in sorted(wanted):
-            if name == SCORE_FIELD:
-                continue
+        for name in self.columns():
             if name not in batch.columns:
                 users = [f"rules[{i}] (id={r.id})" for i, r in enumerate(self.rules) if name in r.when.fields()]
                 users += ["missing_features.required"] if name in self.missing_features.required else []
