@@ -488,7 +488,7 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
     if rows.empty:
         return report
     bootstrap = producer_config.get("bootstrap.servers", "?")
-    base = {k: v for k, v in producer_config.items() if not callable(v) or k == "error_cb"}
+    base = dict(producer_config)  # callbacks (oauth_cb, error_cb...) serve both clients; dr_cb is producer-only
     consumer = Consumer({**{k: v for k, v in base.items() if k not in _PRODUCER_ONLY},
                          "group.id": f"decisionflow-outbox-readback-{uuid.uuid4().hex[:12]}",
                          "isolation.level": "read_committed", "enable.auto.commit": False,
@@ -631,10 +631,12 @@ def deliver_webhook(outbox: Outbox, url: str, headers: Mapping[str, str] | None 
     failed: list[tuple[str, int, int, str]] = []
 
     def flush() -> None:
+        """Write the statuses gathered so far: one Delta commit for the sent rows, one for the failed ones."""
         if sent:
             outbox.mark_sent([k for k, _, _ in sent], WEBHOOK, http_status=[s for _, s, _ in sent],
                              attempts=[a for _, _, a in sent])
             sent.clear()
+            report.batches += 1
         if failed:
             outbox.mark_failed([k for k, *_ in failed], WEBHOOK, [e for *_, e in failed],
                                http_status=[s for _, s, _, _ in failed], attempts=[a for _, _, a, _ in failed])
@@ -693,9 +695,7 @@ def deliver_webhook(outbox: Outbox, url: str, headers: Mapping[str, str] | None 
                 time.sleep(backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
             if len(sent) + len(failed) >= batch_size:
                 flush()
-                report.batches += 1
         flush()
-        report.batches += 1
     finally:
         if state["conn"] is not None:
             state["conn"].close()
