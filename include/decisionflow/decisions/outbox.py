@@ -274,10 +274,11 @@ class Outbox:
         return inserted
 
     def _update(self, keys: Sequence[str], channel: str, columns: Mapping[str, Any], updates: Mapping[str, str],
-                *, condition: str, what: str) -> int:
+                *, condition: str, what: str, run_id: str | None = None) -> int:
         """One MERGE update of the rows ``(keys, channel)`` matching ``condition``; ``columns`` (scalars or
         per-key sequences) become source columns ``s.<name>`` the ``updates`` expressions use (typed like the
-        table column of that name, else by :data:`_HELPER_TYPES`)."""
+        table column of that name, else by :func:`_helper_types`). ``run_id``: every key belongs to that run - a
+        literal on the target lets delta-rs skip the files of other runs instead of scanning the whole outbox."""
         import pyarrow as pa
 
         if channel not in CHANNELS:
@@ -296,6 +297,8 @@ class Outbox:
         source = pa.table(data)
         predicate = (f"t.decision_id = s.decision_id AND t.channel = s.channel AND t.channel = "
                      f"{_delta.sql_string(channel)}")
+        if run_id is not None:
+            predicate += f" AND t.run_id = {_delta.sql_string(run_id)}"
 
         def merge(dt) -> dict[str, Any]:
             return (dt.merge(source, predicate=predicate, source_alias="s", target_alias="t")
@@ -304,7 +307,8 @@ class Outbox:
         metrics = _delta.merge_with_retry(SPEC, self.lake_root, self.storage_options, merge, what=what)
         return int(metrics.get("num_target_rows_updated", 0))
 
-    def claim(self, keys: Sequence[str], channel: str, *, kafka_scan_from: str | None = None) -> int:
+    def claim(self, keys: Sequence[str], channel: str, *, kafka_scan_from: str | None = None,
+              run_id: str | None = None) -> int:
         """Start a delivery attempt of pending rows: ``attempts + 1``, ``claimed_at`` and ``kafka_scan_from``
         (kept when already set: the first claim's offsets bound every later read-back). One Delta commit."""
         now = _now()
@@ -312,15 +316,16 @@ class Outbox:
                             {"attempts": "t.attempts + 1", "claimed_at": "coalesce(t.claimed_at, s.claimed_at)",
                              "kafka_scan_from": "coalesce(t.kafka_scan_from, s.kafka_scan_from)",
                              "updated_at": "s.updated_at"},
-                            condition=f"t.status = {_delta.sql_string(PENDING)}", what="claim")
+                            condition=f"t.status = {_delta.sql_string(PENDING)}", what="claim", run_id=run_id)
 
     def mark_sent(self, keys: Sequence[str], channel: str, *, sent_at: datetime | None = None,
-                  attempts: int | Sequence[int] = 0, **info: Any) -> int:
+                  attempts: int | Sequence[int] = 0, run_id: str | None = None, **info: Any) -> int:
         """
         Mark ``keys`` (decision ids) of ``channel`` sent, in one Delta commit. Rows already sent are left as
         they are (the first delivery's coordinates stay).
 
         :param attempts: delivery attempts made for each key in this call, added to ``attempts``.
+        :param run_id: set when every key belongs to that run (the MERGE then skips other runs' files).
         :param info: delivery coordinates, a scalar or one value per key: ``kafka_topic``, ``kafka_partition``,
             ``kafka_offset``, ``http_status``.
         :return: rows marked.
@@ -336,11 +341,11 @@ class Outbox:
                    **{name: f"s.{name}" for name in info}}
         columns["no_error"] = None
         return self._update(keys, channel, columns, updates, condition=f"t.status <> {_delta.sql_string(SENT)}",
-                            what="mark_sent")
+                            what="mark_sent", run_id=run_id)
 
     def mark_failed(self, keys: Sequence[str], channel: str, errors: str | Sequence[str], *,
                     http_status: int | Sequence[int] | None = None, attempts: int | Sequence[int] = 0,
-                    final: bool = True) -> int:
+                    final: bool = True, run_id: str | None = None) -> int:
         """Record a failed attempt: ``status = failed`` when ``final`` (a 4xx), else still pending; the error
         text in ``last_error``. One Delta commit."""
         now = _now()
@@ -352,7 +357,7 @@ class Outbox:
             columns["http_status"] = http_status
             updates["http_status"] = "s.http_status"
         return self._update(keys, channel, columns, updates, condition=f"t.status <> {_delta.sql_string(SENT)}",
-                            what="mark_failed")
+                            what="mark_failed", run_id=run_id)
 
     # -- reading ---------------------------------------------------------------------------------------
     def _table(self):
@@ -381,6 +386,12 @@ class Outbox:
         for (channel, status), n in frame.groupby(["channel", "status"]).size().items():
             out.setdefault(channel, {})[status] = int(n)
         return out
+
+
+def _one_run(rows: pd.DataFrame) -> str | None:
+    """The run of every row, when there is exactly one (a MERGE pruning hint)."""
+    runs = rows["run_id"].unique()
+    return str(runs[0]) if len(runs) == 1 else None
 
 
 # -- Kafka ---------------------------------------------------------------------------------------------------
@@ -502,7 +513,7 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
         unclaimed = rows.loc[rows["kafka_scan_from"].isna(), "decision_id"].tolist()
         if unclaimed:
             scan_from = json.dumps({str(p): o for p, o in _end_offsets(consumer, topic, timeout).items()})
-            outbox.claim(unclaimed, KAFKA, kafka_scan_from=scan_from)
+            outbox.claim(unclaimed, KAFKA, kafka_scan_from=scan_from, run_id=_one_run(rows))
         # 2. fence: aborts the open transaction of a killed sender with the same transactional.id
         tid = transactional_id or outbox.transactional_id(topic)
         producer = Producer({**{k: v for k, v in base.items() if k not in _CONSUMER_ONLY},
@@ -522,15 +533,18 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
         if found:
             keys = list(found)
             outbox.mark_sent(keys, KAFKA, kafka_topic=topic, kafka_partition=[found[k][0] for k in keys],
-                             kafka_offset=[found[k][1] for k in keys])
+                             kafka_offset=[found[k][1] for k in keys],
+                             run_id=_one_run(rows[rows["decision_id"].isin(found)]))
             report.already_delivered = len(keys)
             log.info("%s: %d decisions were already committed to %s (an earlier attempt died before marking)",
                      SPEC.name, len(keys), topic)
         todo = rows[~rows["decision_id"].isin(found)]
         # 4. send, one transaction per batch, marked after the commit
-        ids, payloads = todo["decision_id"].tolist(), todo["payload"].tolist()
+        todo = todo.sort_values("run_id", kind="stable")  # a batch of one run marks only that run's files
+        ids, payloads, runs = todo["decision_id"].tolist(), todo["payload"].tolist(), todo["run_id"].tolist()
         for number, begin in enumerate(range(0, len(ids), batch_size), start=1):
             batch_ids, batch_payloads = ids[begin:begin + batch_size], payloads[begin:begin + batch_size]
+            batch_runs = set(runs[begin:begin + batch_size])
             delivered: dict[str, tuple[int, int]] = {}
             failures: list[str] = []
 
@@ -574,7 +588,8 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
                 on_batch(number, len(batch_ids))
             outbox.mark_sent(batch_ids, KAFKA, kafka_topic=topic,
                              kafka_partition=[delivered[k][0] for k in batch_ids],
-                             kafka_offset=[delivered[k][1] for k in batch_ids])
+                             kafka_offset=[delivered[k][1] for k in batch_ids],
+                             run_id=batch_runs.pop() if len(batch_runs) == 1 else None)
             report.sent += len(batch_ids)
     except KafkaException as exc:
         raise DeliveryError(f"[kafka] topic {topic} at {bootstrap}: {exc} -- remedy: check the broker (and that no "
@@ -629,18 +644,22 @@ def deliver_webhook(outbox: Outbox, url: str, headers: Mapping[str, str] | None 
     state: dict[str, Any] = {"conn": None}
     sent: list[tuple[str, int, int]] = []      # (decision_id, http status, attempts)
     failed: list[tuple[str, int, int, str]] = []
+    batch_runs: set[str] = set()
 
     def flush() -> None:
         """Write the statuses gathered so far: one Delta commit for the sent rows, one for the failed ones."""
+        run = next(iter(batch_runs)) if len(batch_runs) == 1 else None
         if sent:
             outbox.mark_sent([k for k, _, _ in sent], WEBHOOK, http_status=[s for _, s, _ in sent],
-                             attempts=[a for _, _, a in sent])
+                             attempts=[a for _, _, a in sent], run_id=run)
             sent.clear()
             report.batches += 1
         if failed:
             outbox.mark_failed([k for k, *_ in failed], WEBHOOK, [e for *_, e in failed],
-                               http_status=[s for _, s, _, _ in failed], attempts=[a for _, _, a, _ in failed])
+                               http_status=[s for _, s, _, _ in failed], attempts=[a for _, _, a, _ in failed],
+                               run_id=run)
             failed.clear()
+        batch_runs.clear()
 
     def post(body: bytes, key: str) -> tuple[int, bytes]:
         if state["conn"] is None:
@@ -656,7 +675,10 @@ def deliver_webhook(outbox: Outbox, url: str, headers: Mapping[str, str] | None 
             raise
 
     try:
-        for key, decision, payload in zip(rows["idempotency_key"], rows["decision_id"], rows["payload"]):
+        rows = rows.sort_values("run_id", kind="stable")
+        for key, decision, payload, row_run in zip(rows["idempotency_key"], rows["decision_id"], rows["payload"],
+                                                   rows["run_id"]):
+            batch_runs.add(row_run)
             body = payload.encode()
             attempt = 0
             while True:
