@@ -176,3 +176,48 @@ def test_kafka_needs_the_topic_and_says_so(tmp_path):
     assert ensured == ["decisions"]
     assert str(info.value).startswith("[kafka] topic decisions at 127.0.0.1:") and "remedy" in str(info.value)
     assert outbox.counts()[KAFKA] == {"pending": 3}
+
+
+def test_receiver_cli_serves_and_keeps_effects_across_restarts(tmp_path):
+    """``python -m decisionflow.decisions.webhook``: a separate process; its SQLite store outlives it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port, store = _closed_port(), tmp_path / "cli.sqlite"
+    outbox, _ = _outbox(tmp_path, 9)
+    url = f"http://127.0.0.1:{port}"
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-m", "decisionflow.decisions.webhook", "--port", str(port),
+                                 "--store", str(store)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                    return proc, json.loads(response.read())
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "receiver did not start"
+                time.sleep(0.1)
+
+    proc, health = start()
+    try:
+        assert health == {"ok": True, "keys": 0}
+        assert deliver_webhook(outbox, url + "/actions").sent == 6
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # by PID: the store must survive a kill
+        proc.wait(10)
+    replay = Outbox(str(tmp_path / "lake2"))
+    replay.enqueue(make_decisions(9))
+    proc, health = start()
+    try:
+        assert health["keys"] == 6
+        assert deliver_webhook(replay, url + "/actions").duplicates_at_receiver == 6
+        with urllib.request.urlopen(url + "/effects", timeout=5) as response:
+            effects = json.loads(response.read())
+        assert effects["keys"] == 6 and effects["duplicates"] == 6
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(10)
