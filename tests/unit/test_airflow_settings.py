@@ -62,6 +62,7 @@ def test_real_file_parses_without_importing_airflow():
         "ray_default",
         "milvus_default",
         "feast_default",
+        "actions_webhook",
         "lake_default",
     ]
 
@@ -96,6 +97,9 @@ def test_real_file_connections():
     milvus = s.connection("milvus_default")
     assert milvus.conn_type == "milvus"
     assert milvus.extra == {"uri": "http://127.0.0.1:19530"}  # the stack's served Milvus Lite
+    webhook = s.connection("actions_webhook")  # the stack's local receiver
+    assert (webhook.conn_type, webhook.host, webhook.port, webhook.extra) == ("http", "127.0.0.1", 8090,
+                                                                               {"endpoint": "actions"})
 
     feast = s.connection("feast_default")
     assert feast.conn_type == "feast"
@@ -463,7 +467,7 @@ def test_all_errors_reported_together_in_file_order(tmp_path):
 def test_cli_validate_ok(capsys):
     assert main(["validate", "--file", str(REAL_FILE)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "7 connections, 2 pools, 1 variable" in out
+    assert "OK" in out and "8 connections, 2 pools, 1 variable" in out
 
 
 def test_cli_validate_default_file(monkeypatch, tmp_path, capsys):

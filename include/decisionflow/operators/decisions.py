@@ -41,8 +41,9 @@ class DecisionRunOperator(BaseOperator):
         unreachable server degrades to deciding without the similar-case rule, saying so in every affected audit
         row and in the log.
     :param kafka_conn_id: Kafka connection the ``decisions`` topic is written through.
-    :param webhook_conn_id: HTTP connection of the actions webhook (``host`` a URL, or host/port/schema); when
-        it does not exist the webhook channel is off (logged).
+    :param webhook_conn_id: HTTP connection of the actions webhook (``host`` a URL, or host/port/schema; extra
+        ``endpoint``, default ``actions``; ``password`` a bearer token); when it does not exist the webhook
+        channel is off (logged).
     :param max_transactions: decide at most this many transactions (oldest first); the rest wait for the next
         run. ``None``: all of them.
     :param similar_k: similar cases kept per transaction.
@@ -103,7 +104,7 @@ class DecisionRunOperator(BaseOperator):
         else:
             url = f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
         extra = conn.extra_dejson or {}
-        path = str(extra.get("path", "/actions"))
+        path = str(extra.get("endpoint", "actions"))  # as HttpOperator's endpoint: relative to the host
         headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
         if conn.password:
             headers.setdefault("Authorization", f"Bearer {conn.password}")
