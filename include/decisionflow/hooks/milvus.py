@@ -5,6 +5,8 @@ The connection (``milvus_default``):
 * ``conn_type``: ``milvus``
 * ``extra.uri``:
 
+  - ``http://127.0.0.1:19530`` (``airflow_settings.yaml``) -> the local stack's Milvus Lite, served as one process
+    by ``milvus-lite server`` (:mod:`decisionflow.stack.milvus`), so every task shares one store.
   - a local path ending in ``.db`` (``.data/milvus/decisionflow.db``; relative paths resolve against the project
     home) -> **Milvus Lite**, run *inside* the calling process by ``milvus-lite``. The path is a directory that
     Milvus Lite locks (``<path>/LOCK``): one process at a time owns it, any other gets ``DataDirLockedError``.
