@@ -173,3 +173,42 @@ def test_delivery_rate(kafka_broker, tmp_path):
     print(f"\nkafka outbox delivery: {report.as_dict()}")
     assert report.sent == 20_000 and report.batches == 4
     assert sum(_committed(bootstrap, topic).values()) == 20_000
+
+
+def test_two_concurrent_senders_still_one_record_each(kafka_broker, tmp_path):
+    """Two deliveries of the same outbox at once (a retried task while the first still runs): the later
+    init_transactions fences the earlier sender, which fails clearly; what it committed is read back, not resent."""
+    import threading
+
+    from decisionflow.decisions.outbox import DeliveryError
+
+    bootstrap = kafka_broker.bootstrap_servers
+    topic = f"decisions.race.{uuid.uuid4().hex[:8]}"
+    _ensure(bootstrap, topic)
+    lake = str(tmp_path / "lake")
+    decisions = _decisions(4000, "run-race")
+    Outbox(lake).enqueue(decisions)
+    outcomes: list[object] = []
+
+    def send():
+        try:
+            outcomes.append(deliver_kafka(Outbox(lake), {"bootstrap.servers": bootstrap}, topic, batch_size=250))
+        except DeliveryError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=send) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    for t in threads:
+        t.join(60)
+    final = deliver_kafka(Outbox(lake), {"bootstrap.servers": bootstrap}, topic, batch_size=250)
+    print("\nconcurrent senders:", [o.as_dict() if hasattr(o, "as_dict") else repr(o)[:300] for o in outcomes],
+          "then", final.as_dict())
+    counts = _committed(bootstrap, topic)
+    assert sum(counts.values()) == 4000 and set(counts.values()) == {1}, outcomes
+    assert Outbox(lake).counts()[KAFKA] == {"sent": 4000}
+    reports = [o for o in outcomes if not isinstance(o, Exception)] + [final]
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    assert all("[kafka]" in str(e) for e in errors)
+    assert sum(r.sent for r in reports) + sum(e.report.sent for e in errors if e.report) <= 4000

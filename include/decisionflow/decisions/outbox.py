@@ -578,6 +578,10 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
                     log.warning("abort_transaction failed (%s); the next sender's init_transactions aborts it",
                                 abort_exc)
                 report.seconds = round(time.monotonic() - started, 3)
+                error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+                if error is not None and hasattr(error, "fatal") and error.fatal():
+                    exc = f"{exc}; fatal for this producer - typically fenced: another sender with transactional.id " \
+                          f"{tid} started (a concurrent or retried delivery) and took over"
                 raise DeliveryError(
                     f"[kafka] delivery to topic {topic} at {bootstrap} failed in batch {number} ({exc}); "
                     f"{report.sent} records were committed and marked before it, the batch was aborted and "
