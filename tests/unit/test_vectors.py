@@ -332,6 +332,17 @@ def test_search_groups_queries_that_see_the_same_notes():
     assert [c.case_id for c in results[3]] == ["c2", "c1", "c0"]
 
 
+def test_many_notes_between_the_queries_are_read_by_iterator(monkeypatch):
+    client = FakeSearchClient([150, 250, 350])
+    pages = [[{"created_at_ms": 150}, {"created_at_ms": 250}], [{"created_at_ms": 350}], []]
+    client.query_iterator = lambda name, batch_size, filter, output_fields: SimpleNamespace(
+        next=lambda: pages.pop(0), close=lambda: None)
+    monkeypatch.setattr(vs, "QUERY_CAP", 2)  # query() answers 3 rows >= the cap: fall back to the iterator
+    search = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x")
+    results = search.search([vs.CaseQuery("q", at(b)) for b in (100, 200, 300, 400)], k=5)
+    assert [len(r) for r in results] == [0, 1, 2, 3] and not pages
+
+
 def test_batch_size_bounds_each_request():
     client = FakeSearchClient([0])
     search = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x")

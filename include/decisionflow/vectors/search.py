@@ -206,15 +206,9 @@ class SimilarCaseSearch:
         rows = self.client.query(self.collection, filter=flt, output_fields=["created_at_ms"], limit=QUERY_CAP)
         self.last_requests += 1
         if len(rows) >= QUERY_CAP:
-            logging.getLogger("pymilvus").setLevel(logging.ERROR)  # Lite's missing-mvcc warning
-            rows = []
-            iterator = self.client.query_iterator(self.collection, batch_size=QUERY_CAP // 2, filter=flt,
-                                                  output_fields=["created_at_ms"])
-            try:
-                while batch := iterator.next():
-                    rows.extend(batch)
-            finally:
-                iterator.close()
+            from decisionflow.vectors.sync import iterate_rows
+
+            rows = list(iterate_rows(self.client, self.collection, flt, ["created_at_ms"], QUERY_CAP // 2))
         return sorted({int(r["created_at_ms"]) for r in rows})
 
     def _request(self, vectors: list, texts: list[str], flt: str, limit: int, hybrid: bool) -> list[list[dict]]:

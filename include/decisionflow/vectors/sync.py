@@ -222,23 +222,29 @@ def read_silver(lake_root: str, storage_options: Mapping[str, str] | None = None
 def existing_rows(client: MilvusClient, collection: str = CASE_NOTES_COLLECTION, batch_size: int = 5000
                   ) -> dict[str, tuple[str, str]]:
     """note_id -> (row_hash, outcome) of every row in the collection."""
+    held: dict[str, tuple[str, str]] = {}
+    for row in iterate_rows(client, collection, "", [PRIMARY_FIELD, "row_hash", "outcome"], batch_size):
+        held[row[PRIMARY_FIELD]] = (row.get("row_hash") or "", row.get("outcome") or "")
+    return held
+
+
+def iterate_rows(client: MilvusClient, collection: str, flt: str, fields: list[str], batch_size: int = 5000):
+    """Every row matching ``flt`` (``query_iterator``), without its Milvus Lite warning (no mvcc timestamp:
+    harmless with Strong consistency)."""
     import logging
 
-    held: dict[str, tuple[str, str]] = {}
-    # query_iterator warns that Milvus Lite has no mvcc timestamp; harmless here (Strong consistency).
-    logging.getLogger("pymilvus").setLevel(logging.ERROR)
-    iterator = client.query_iterator(collection, batch_size=batch_size, filter="",
-                                     output_fields=[PRIMARY_FIELD, "row_hash", "outcome"])
+    logger = logging.getLogger("pymilvus")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
     try:
-        while True:
-            batch = iterator.next()
-            if not batch:
-                break
-            for row in batch:
-                held[row[PRIMARY_FIELD]] = (row.get("row_hash") or "", row.get("outcome") or "")
+        iterator = client.query_iterator(collection, batch_size=batch_size, filter=flt, output_fields=fields)
+        try:
+            while batch := iterator.next():
+                yield from batch
+        finally:
+            iterator.close()
     finally:
-        iterator.close()
-    return held
+        logger.setLevel(previous)
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
