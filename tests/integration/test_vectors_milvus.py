@@ -199,6 +199,8 @@ def test_batched_search_equals_one_query_at_a_time(synced):
                          exclude_event_id="evt-02" if i == 4 else None) for i in range(12)]
     batched = search.search(queries, k=4, batch_size=5)
     single = [search.search([q], k=4)[0] for q in queries]
+    threaded = SimilarCaseSearch(search.client, search.embedder, collection=search.collection, concurrency=3)
+    assert threaded.search(queries, k=4, batch_size=5) == batched
     assert [[c.note_id for c in r] for r in batched] == [[c.note_id for c in r] for r in single]
     assert "evt-02" not in {c.event_id for c in batched[4]}
 

@@ -328,6 +328,8 @@ def test_search_groups_queries_that_see_the_same_notes():
                                               (1, "created_at_ms < 4000")])
     for before, cases in zip(befores, results, strict=True):
         assert cases and all(c.created_at < at(before) for c in cases), "no note from after the transaction"
+    threaded = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x", concurrency=3)
+    assert threaded.search([vs.CaseQuery(f"q{b % 2000 == 0}", at(b)) for b in befores], k=5) == results
     assert [c.case_id for c in results[0]] == ["c0"]
     assert [c.case_id for c in results[3]] == ["c2", "c1", "c0"]
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -116,17 +117,21 @@ class SimilarCaseSearch:
     :param collection: collection name.
     :param candidates: hits per sub-search (dense, BM25) fed to the RRF fusion (at least ``k``).
     :param ef: HNSW search breadth.
+    :param concurrency: point-in-time groups searched at once (threads sharing the client). A replay of history
+        makes many small groups; 4 threads measured ~1.3-1.6x on the served Lite (2 cores). 1: sequential.
     """
 
     def __init__(self, client: MilvusClient, embedder: Embedder, collection: str = CASE_NOTES_COLLECTION, *,
-                 candidates: int = 50, ef: int = 128) -> None:
+                 candidates: int = 50, ef: int = 128, concurrency: int = 1) -> None:
         self.client = client
         self.embedder = embedder
         self.collection = collection
         self.candidates = int(candidates)
         self.ef = int(ef)
+        self.concurrency = max(1, int(concurrency))
         #: requests sent by the last :meth:`search` call (for benchmarks)
         self.last_requests = 0
+        self._count_lock = threading.Lock()
 
     # -- checks -------------------------------------------------------------------------------------------
     def check(self) -> int:
@@ -167,7 +172,9 @@ class SimilarCaseSearch:
         vectors = dict(zip(unique, self.embedder.encode(unique), strict=True))
 
         results: list[list[SimilarCase]] = [[] for _ in queries]
-        for group in self._groups(befores):
+        groups = self._groups(befores)
+
+        def run(group: list[int]) -> None:
             # members of a group see the same notes, so equal texts get equal answers: search each text once
             by_text: dict[str, list[int]] = {}
             for i in group:
@@ -187,6 +194,15 @@ class SimilarCaseSearch:
                             cases = self._cases(self._request([vectors[text]], [text], flt, k, hybrid)[0],
                                                 queries[i], befores[i])
                         results[i] = cases[:k]
+
+        if self.concurrency > 1 and len(groups) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.concurrency, len(groups))) as pool:
+                list(pool.map(run, groups))  # list(): re-raise the first error
+        else:
+            for group in groups:
+                run(group)
         return results
 
     def _groups(self, befores: list[int]) -> list[list[int]]:
@@ -214,7 +230,8 @@ class SimilarCaseSearch:
     def _request(self, vectors: list, texts: list[str], flt: str, limit: int, hybrid: bool) -> list[list[dict]]:
         from pymilvus import AnnSearchRequest, RRFRanker
 
-        self.last_requests += 1
+        with self._count_lock:
+            self.last_requests += 1
         dense_param = {"metric_type": "COSINE", "params": {"ef": max(self.ef, limit)}}
         data = [v.tolist() if hasattr(v, "tolist") else list(v) for v in vectors]
         try:
