@@ -490,7 +490,7 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
         (tests use it to kill the sender exactly there).
     :raises DeliveryError: the topic could not be written; rows not committed stay pending.
     """
-    from confluent_kafka import Consumer, KafkaException, Producer
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
     started = time.monotonic()
     report = DeliveryReport(KAFKA, topic)
@@ -505,6 +505,7 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
                          "isolation.level": "read_committed", "enable.auto.commit": False,
                          "enable.partition.eof": True, "auto.offset.reset": "earliest"})
     producer = None
+    fatal_errors: list[str] = []
     try:
         if ensure_topic is not None:
             ensure_topic(topic)
@@ -516,8 +517,16 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
             outbox.claim(unclaimed, KAFKA, kafka_scan_from=scan_from, run_id=_one_run(rows))
         # 2. fence: aborts the open transaction of a killed sender with the same transactional.id
         tid = transactional_id or outbox.transactional_id(topic)
+        user_error_cb = base.get("error_cb")
+
+        def error_cb(err) -> None:
+            if err.fatal():
+                fatal_errors.append(str(err))
+            if user_error_cb is not None:
+                user_error_cb(err)
+
         producer = Producer({**{k: v for k, v in base.items() if k not in _CONSUMER_ONLY},
-                             "transactional.id": tid, "enable.idempotence": True, "acks": "all",
+                             "error_cb": error_cb, "transactional.id": tid, "enable.idempotence": True, "acks": "all",
                              "linger.ms": 10, "transaction.timeout.ms": int(max(timeout, 10) * 1000)})
         producer.init_transactions(timeout)
         # 3. read back what is committed since the oldest claim (re-read: a concurrent claim may be older)
@@ -549,8 +558,9 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
             failures: list[str] = []
 
             def on_delivery(err, msg, delivered=delivered, failures=failures):
+                # never raise from a librdkafka callback; and touch the message only when it was delivered
                 if err is not None:
-                    failures.append(f"{msg.key()!r}: {err}")
+                    failures.append(str(err))
                 else:
                     delivered[msg.key().decode()] = (msg.partition(), msg.offset())
 
@@ -578,12 +588,23 @@ def deliver_kafka(outbox: Outbox, producer_config: Mapping[str, Any], topic: str
                     log.warning("abort_transaction failed (%s); the next sender's init_transactions aborts it",
                                 abort_exc)
                 report.seconds = round(time.monotonic() - started, 3)
-                error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
-                if error is not None and hasattr(error, "fatal") and error.fatal():
-                    exc = f"{exc}; fatal for this producer - typically fenced: another sender with transactional.id " \
-                          f"{tid} started (a concurrent or retried delivery) and took over"
+                # a fatal (fenced) producer can surface as a SystemError from inside a callback: find the cause
+                root: BaseException | None = exc
+                while root is not None and not isinstance(root, KafkaException):
+                    root = root.__cause__ or root.__context__
+                root = root or exc
+                detail = str(root)
+                if fatal_errors and not isinstance(root, KafkaException):
+                    detail += f" ({fatal_errors[0]})"
+                error = root.args[0] if isinstance(root, KafkaException) and root.args else None
+                if fatal_errors and error is None:
+                    error = KafkaError(KafkaError._FATAL)
+                if isinstance(error, KafkaError) and (error.fatal() or
+                                                      error.code() in (KafkaError._FATAL, KafkaError._FENCED)):
+                    detail += (f"; fatal for this producer - typically fenced: another sender with transactional.id "
+                               f"{tid} started (a concurrent or retried delivery) and took over")
                 raise DeliveryError(
-                    f"[kafka] delivery to topic {topic} at {bootstrap} failed in batch {number} ({exc}); "
+                    f"[kafka] delivery to topic {topic} at {bootstrap} failed in batch {number} ({detail}); "
                     f"{report.sent} records were committed and marked before it, the batch was aborted and "
                     "stays pending -- remedy: check the broker, then retry (the retry reads back what is "
                     "committed and sends only the rest)", report) from exc
