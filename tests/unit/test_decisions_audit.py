@@ -160,3 +160,14 @@ def test_concurrent_writers_insert_each_decision_once(tmp_path):
     back = audit.read_decisions(lake, columns=["decision_id"])
     assert back["decision_id"].is_unique and len(back) == 350
     assert sum(results) == 349
+
+
+def test_a_table_behind_its_declaration_is_refused_with_the_remedy(tmp_path):
+    from deltalake import write_deltalake
+
+    lake = str(tmp_path / "lake")
+    old = audit.audit_schema().remove(audit.audit_schema().get_field_index("rationale"))
+    write_deltalake(T.table("gold/decisions").path(lake), old.empty_table())
+    with pytest.raises(T.IncompatibleTableError, match="table gold/decisions, column rationale: declared but "
+                                                       "missing.*migrate"):
+        audit.write_decisions(lake, make_decisions(2))

@@ -15,7 +15,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from decisionflow.lakehouse.tables import PROPERTY_MIGRATION_PREFIX, TableSpec, normalize_type
+from decisionflow.lakehouse.tables import (
+    PROPERTY_MIGRATION_PREFIX,
+    IncompatibleTableError,
+    TableSpec,
+    normalize_type,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -64,7 +69,7 @@ def open_table(spec: TableSpec, lake_root: str, storage_options: dict[str, str] 
 
     path = spec.path(lake_root)
     try:
-        return DeltaTable(path, storage_options=storage_options or None)
+        return _checked(spec, DeltaTable(path, storage_options=storage_options or None))
     except TableNotFoundError:
         if not create:
             return None
@@ -75,7 +80,25 @@ def open_table(spec: TableSpec, lake_root: str, storage_options: dict[str, str] 
                           storage_options=storage_options or None, raise_if_key_not_exists=False)
     except DeltaError as exc:  # another writer created it first: use theirs
         log.info("%s: concurrent create (%s); opening the existing table", spec.name, exc)
-    return DeltaTable(path, storage_options=storage_options or None)
+    return _checked(spec, DeltaTable(path, storage_options=storage_options or None))
+
+
+def _checked(spec: TableSpec, dt: DeltaTable) -> DeltaTable:
+    """``dt`` if its columns are the declared ones; else :class:`IncompatibleTableError` naming the column (a
+    table behind its declaration needs the migrate job; a MERGE would fail with a less helpful message)."""
+    import pyarrow as pa
+
+    have = {f.name: f for f in pa.schema(dt.schema().to_arrow())}
+    for column in spec.columns:
+        if column.name not in have:
+            raise IncompatibleTableError(spec.name, column.name, "declared but missing in the Delta table -- remedy: "
+                                         "run the lakehouse migrate job (build_lakehouse's migrate task, or "
+                                         "jobs/migrate_lakehouse.py) to bring it to its declared schema")
+    extra = sorted(set(have) - set(spec.column_names))
+    if extra:
+        raise IncompatibleTableError(spec.name, extra[0], "is in the Delta table but not declared -- remedy: declare "
+                                     "it in decisionflow.lakehouse.tables (with a migration) or fix the table")
+    return dt
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
