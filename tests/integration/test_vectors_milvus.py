@@ -197,12 +197,25 @@ def test_batched_search_equals_one_query_at_a_time(synced):
     search, _, _ = synced
     queries = [CaseQuery(query_text(FRAUD_TXN if i % 3 else QUIET_TXN), T0 + timedelta(days=3 + i, hours=i % 24),
                          exclude_event_id="evt-02" if i == 4 else None) for i in range(12)]
-    batched = search.search(queries, k=4, batch_size=5)
-    single = [search.search([q], k=4)[0] for q in queries]
-    threaded = SimilarCaseSearch(search.client, search.embedder, collection=search.collection, concurrency=3)
+
+    def ids(results):
+        return [[c.note_id for c in r] for r in results]
+
+    # Exact grouping (only queries that see the same notes share a request): hybrid batched == one by one.
+    exact = SimilarCaseSearch(search.client, search.embedder, collection=search.collection, span_notes=0)
+    batched = exact.search(queries, k=4, batch_size=5)
+    single = [exact.search([q], k=4)[0] for q in queries]
+    threaded = SimilarCaseSearch(search.client, search.embedder, collection=search.collection, concurrency=3,
+                                 span_notes=0)
     assert threaded.search(queries, k=4, batch_size=5) == batched
-    assert [[c.note_id for c in r] for r in batched] == [[c.note_id for c in r] for r in single]
+    assert ids(batched) == ids(single)
     assert "evt-02" not in {c.event_id for c in batched[4]}
+    # Wide groups (the default: one request over several times, later notes dropped per query) are exact for
+    # the dense search, and still point in time for the hybrid one.
+    wide = search.search(queries, k=4, batch_size=5, hybrid=False)
+    assert ids(wide) == ids([exact.search([q], k=4, hybrid=False)[0] for q in queries])
+    for query, cases in zip(queries, search.search(queries, k=4, batch_size=5), strict=True):
+        assert all(c.created_at < query.before for c in cases)
 
 
 def test_missing_collection_is_a_clear_error(milvus, embedder):

@@ -73,6 +73,10 @@ class FakeMilvus:
     def flush(self, name):
         pass
 
+    def search(self, name, data, anns_field, limit, search_params=None):
+        self.warm_ups = getattr(self, "warm_ups", 0) + 1  # the sync's throwaway search after a write
+        return [[]]
+
     def upsert(self, name, rows):
         self.upsert_calls.append(len(rows))
         for row in rows:
@@ -319,16 +323,25 @@ def at(ms):
 
 def test_search_groups_queries_that_see_the_same_notes():
     client = FakeSearchClient([100, 1500, 3500])
-    search = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x")
+    search = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x", span_notes=0)
     befores = [1000, 2000, 3000, 4000, 2500]
     results = search.search([vs.CaseQuery(f"q{b % 2000 == 0}", at(b)) for b in befores], k=5)
     # notes at 1500 and 3500 split the befores into {1000}, {2000, 2500, 3000}, {4000}; within a group each
     # distinct text is searched once (2000 and 3000 share one)
-    assert sorted(client.requests) == sorted([(1, "created_at_ms < 1000"), (2, "created_at_ms < 2000"),
+    assert sorted(client.requests) == sorted([(1, "created_at_ms < 1000"), (2, "created_at_ms < 3000"),
                                               (1, "created_at_ms < 4000")])
+
+    # Wider groups (the default): one request for all five, bounded by the latest time and asking for the notes
+    # created within the span on top; each query drops what came after it -- the same answers.
+    client.requests.clear()
+    wide = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x")
+    ids = [[c.note_id for c in cases] for cases in results]
+    assert [[c.note_id for c in cases] for cases in wide.search(
+        [vs.CaseQuery(f"q{b % 2000 == 0}", at(b)) for b in befores], k=5)] == ids
+    assert client.requests == [(2, "created_at_ms < 4000")]
     for before, cases in zip(befores, results, strict=True):
         assert cases and all(c.created_at < at(before) for c in cases), "no note from after the transaction"
-    threaded = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x", concurrency=3)
+    threaded = vs.SimilarCaseSearch(client, CountingEmbedder(), collection="x", concurrency=3, span_notes=0)
     assert threaded.search([vs.CaseQuery(f"q{b % 2000 == 0}", at(b)) for b in befores], k=5) == results
     assert [c.case_id for c in results[0]] == ["c0"]
     assert [c.case_id for c in results[3]] == ["c2", "c1", "c0"]

@@ -174,21 +174,40 @@ class SimilarCaseSource(Protocol):
 
 
 class MilvusSimilarCases:
-    """Similar cases from the Milvus ``case_notes`` collection (hybrid dense + BM25, point-in-time)."""
+    """Similar cases from the Milvus ``case_notes`` collection, point in time.
+
+    :param hybrid: ``True`` dense + BM25 fused by RRF, ``False`` dense only, ``None`` (default) hybrid for up to
+        ``hybrid_max_queries`` distinct query texts and dense beyond: BM25 costs ~40-120 ms a query on Milvus Lite
+        even batched, dense ~1-3 ms, so a large backlog would otherwise spend minutes in BM25. The mode used is
+        in :attr:`last_mode` (and the run's summary).
+    """
 
     def __init__(self, client_factory: Callable[[], Any], embedder_factory: Callable[[], Any],
-                 collection: str = constants.CASE_NOTES_COLLECTION, batch_size: int = 200):
+                 collection: str = constants.CASE_NOTES_COLLECTION, batch_size: int = 200,
+                 hybrid: bool | None = None, hybrid_max_queries: int = 300):
         self.client_factory, self.embedder_factory = client_factory, embedder_factory
         self.collection, self.batch_size = collection, batch_size
+        self.hybrid, self.hybrid_max_queries = hybrid, hybrid_max_queries
+        self.last_mode: str | None = None
 
     def search(self, rows: pd.DataFrame, k: int) -> list[list[dict[str, Any]]]:
         from decisionflow.vectors.search import CaseQuery, SimilarCaseSearch, query_text
 
-        search = SimilarCaseSearch(self.client_factory(), self.embedder_factory(), self.collection)
-        records = rows.to_dict("records")
-        queries = [CaseQuery(text=query_text(r), before=_as_datetime(r["event_time"]),
-                             exclude_event_id=r["event_id"]) for r in records]
-        found = search.search(queries, k=k, batch_size=self.batch_size)
+        client = self.client_factory()
+        try:
+            search = SimilarCaseSearch(client, self.embedder_factory(), self.collection)
+            records = rows.to_dict("records")
+            queries = [CaseQuery(text=query_text(r), before=_as_datetime(r["event_time"]),
+                                 exclude_event_id=r["event_id"]) for r in records]
+            hybrid = self.hybrid
+            if hybrid is None:
+                hybrid = len({q.text for q in queries}) <= self.hybrid_max_queries
+            self.last_mode = "hybrid" if hybrid else "dense"
+            found = search.search(queries, k=k, batch_size=self.batch_size, hybrid=hybrid)
+        finally:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
         return [[case.as_dict() for case in cases] for cases in found]
 
 
@@ -365,6 +384,7 @@ def build_graph(ctx: DecisionContext):
                 else:
                     similar[np.flatnonzero(wanted)] = [json.dumps(cases) for cases in found]
                     summary["searched"] = int(wanted.sum())
+                    summary["mode"] = getattr(ctx.similar, "last_mode", None)
         not_searched = json.dumps({"searched": False, "reason": "not needed by the policy"})
         unavailable = json.dumps({"searched": False, "reason": f"unavailable: {summary.get('reason', '')}"})
         column = np.where(wanted & (similar == None), unavailable,  # noqa: E711 - elementwise on an object array

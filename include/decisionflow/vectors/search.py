@@ -12,12 +12,17 @@ note's outcome is reported only when its label was known before that moment (``o
 else ``unknown``.
 
 Batching with per-query filters: a Milvus search request carries one filter for all its ``nq`` vectors
-(``expr_params`` templating is rejected by Milvus Lite 3.2). Queries whose ``before`` times have no note
-created between them see exactly the same notes, so they are grouped and share one filter
-(``created_at_ms < min(before)`` of the group) - exact, not an approximation. The note creation times that split
-groups are read once per batch with a small ``query`` over ``[min(before), max(before))``. Within a group, equal
-query texts have equal answers, so each distinct text is searched once (query texts are coarse on purpose). A
-decision run over recent transactions is typically one group; a replay of history makes more, smaller requests.
+(``expr_params`` templating is rejected by Milvus Lite 3.2). Queries are therefore grouped by time: a group is a
+run of queries (sorted by ``before``) within whose time span at most ``span_notes`` notes were created; it
+shares one filter, ``created_at_ms < max(before)``, and asks for ``k + (notes created in the span)`` hits, and
+each query then drops the hits created at or after its own ``before``. For the dense search this is exact (the
+nearest notes of a subset are the nearest of the superset once the extra notes are dropped, and the request
+asked for enough of them); for the hybrid search the RRF fusion is computed over the superset's candidate lists,
+so ranks can shift slightly - the point-in-time rule itself always holds. The note creation times that bound the
+groups are read once per batch with a small ``query`` over ``[min(before), max(before))``. Within a group each
+distinct query text is searched once (query texts are coarse on purpose). ``span_notes=0`` gives the strictest
+grouping (only queries that see exactly the same notes share a request): exact for both, but a replay of
+history then makes about one request per query.
 """
 
 from __future__ import annotations
@@ -119,16 +124,19 @@ class SimilarCaseSearch:
     :param ef: HNSW search breadth.
     :param concurrency: point-in-time groups searched at once (threads sharing the client). A replay of history
         makes many small groups; 4 threads measured ~1.3-1.6x on the served Lite (2 cores). 1: sequential.
+    :param span_notes: at most this many notes created within one group's time span (see the module doc):
+        larger groups mean fewer, larger requests; 0 groups only queries that see exactly the same notes.
     """
 
     def __init__(self, client: MilvusClient, embedder: Embedder, collection: str = CASE_NOTES_COLLECTION, *,
-                 candidates: int = 50, ef: int = 128, concurrency: int = 1) -> None:
+                 candidates: int = 50, ef: int = 128, concurrency: int = 1, span_notes: int = 32) -> None:
         self.client = client
         self.embedder = embedder
         self.collection = collection
         self.candidates = int(candidates)
         self.ef = int(ef)
         self.concurrency = max(1, int(concurrency))
+        self.span_notes = max(0, int(span_notes))
         #: requests sent by the last :meth:`search` call (for benchmarks)
         self.last_requests = 0
         self._count_lock = threading.Lock()
@@ -172,16 +180,17 @@ class SimilarCaseSearch:
         vectors = dict(zip(unique, self.embedder.encode(unique), strict=True))
 
         results: list[list[SimilarCase]] = [[] for _ in queries]
-        groups = self._groups(befores)
+        groups = self._groups(befores, self.span_notes)
 
-        def run(group: list[int]) -> None:
-            # members of a group see the same notes, so equal texts get equal answers: search each text once
+        def run(item: tuple[list[int], int]) -> None:
+            group, created_in_span = item
+            # one request per distinct text; each member then keeps the hits created before its own time
             by_text: dict[str, list[int]] = {}
             for i in group:
                 by_text.setdefault(texts[i], []).append(i)
             distinct = list(by_text)
-            bound = min(befores[i] for i in group)
-            limit = k + (EXCLUDE_SLACK if any(queries[i].exclude_event_id for i in group) else 0)
+            bound = max(befores[i] for i in group)
+            limit = k + created_in_span + (EXCLUDE_SLACK if any(queries[i].exclude_event_id for i in group) else 0)
             for start in range(0, len(distinct), batch_size):
                 chunk = distinct[start:start + batch_size]
                 hits = self._request([vectors[t] for t in chunk], chunk, f"created_at_ms < {bound}", limit, hybrid)
@@ -205,16 +214,28 @@ class SimilarCaseSearch:
                 run(group)
         return results
 
-    def _groups(self, befores: list[int]) -> list[list[int]]:
-        """Query indexes grouped so that every member of a group sees exactly the same notes."""
+    def _groups(self, befores: list[int], span_notes: int) -> list[tuple[list[int], int]]:
+        """Query indexes in time order, grouped so that at most ``span_notes`` notes were created within a
+        group's time span; each group with that count (the extra hits its shared request must ask for)."""
         order = sorted(range(len(befores)), key=befores.__getitem__)
         lo, hi = befores[order[0]], befores[order[-1]]
         cuts = self._creation_times(lo, hi) if hi > lo else []
-        groups: dict[int, list[int]] = {}
+        groups: list[tuple[list[int], int]] = []
+        members: list[int] = []
+        first = last = 0
         for i in order:
             # notes with created_at_ms < before: the count of cut points below it identifies the visible set
-            groups.setdefault(bisect.bisect_left(cuts, befores[i]), []).append(i)
-        return list(groups.values())
+            seen = bisect.bisect_left(cuts, befores[i])
+            if members and seen - first > span_notes:
+                groups.append((members, last - first))
+                members = []
+            if not members:
+                first = seen
+            members.append(i)
+            last = seen
+        if members:
+            groups.append((members, last - first))
+        return groups
 
     def _creation_times(self, lo: int, hi: int) -> list[int]:
         """Sorted distinct ``created_at_ms`` of notes in ``[lo, hi)``."""
