@@ -146,6 +146,18 @@ class DeliveryReport:
         return {**asdict(self), "rate_per_s": self.rate, "errors": self.errors[:20]}
 
 
+def _iso_utc(values: pd.Series) -> pd.Series:
+    """Timestamps as ``2026-12-01T09:00:00.000000Z`` (microseconds, UTC; naive values are taken as UTC)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = pa.array(values)
+    if array.type.tz is None:
+        array = pc.assume_timezone(array, "UTC")
+    array = array.cast(pa.timestamp("us", tz="UTC"), safe=False)
+    return pc.strftime(array, format="%Y-%m-%dT%H:%M:%SZ").to_pandas().set_axis(values.index)
+
+
 def _helper_types() -> dict[str, Any]:
     """Arrow types of MERGE source columns that are not table columns."""
     import pyarrow as pa
@@ -212,6 +224,9 @@ class Outbox:
         if "run_id" not in frame.columns or frame["run_id"].isna().any() or (frame["run_id"] == "").any():
             raise OutboxError(f"[outbox] {SPEC.name}: rows without a run_id -- remedy: pass run_id to enqueue")
         frame["actions"] = [list(a) if a is not None else [] for a in frame["actions"]]
+        for name in frame.columns:  # ISO-8601 UTC text, vectorised: to_json's own datetime path is 4x slower
+            if pd.api.types.is_datetime64_any_dtype(frame[name]):
+                frame[name] = _iso_utc(frame[name])
         from decisionflow.decisions.audit import AUDIT_COLUMNS
 
         nested = [c for c in ("features", "similar_cases") if c in frame.columns]
@@ -220,8 +235,7 @@ class Outbox:
         def payloads(rows: pd.DataFrame, columns: list[str], channel: str) -> list[str]:
             if rows.empty:
                 return []
-            text = rows[columns].to_json(orient="records", lines=True, date_format="iso", date_unit="us",
-                                         double_precision=15)
+            text = rows[columns].to_json(orient="records", lines=True, double_precision=15)
             lines = text.rstrip("\n").split("\n")
             keys = [json.dumps(idempotency_key(d, channel)) for d in rows["decision_id"]]
             extra = [[f'"idempotency_key":{k}' for k in keys]]
