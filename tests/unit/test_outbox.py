@@ -84,8 +84,8 @@ def test_webhook_delivers_each_key_once_across_lost_answers_and_retries(tmp_path
     assert DeltaTable(outbox.path).version() - before == 3  # 20 rows in batches of 8: three commits
     effects = receiver.effects()
     assert effects["keys"] == 20 and effects["duplicates"] == 2
-    assert {e["key"] for e in effects["effects"]} == {f"{d}:webhook" for d, a in zip(rows["decision_id"], rows["actions"])
-                                                      if len(a)}
+    wanted = {f"{d}:webhook" for d, a in zip(rows["decision_id"], rows["actions"]) if len(a)}
+    assert {e["key"] for e in effects["effects"]} == wanted
     assert outbox.counts()[WEBHOOK] == {"sent": 20}
     sent = outbox.rows(channel=WEBHOOK)
     assert (sent["http_status"] == 200).all() and sent["attempts"].sum() == 20 + 4

@@ -169,21 +169,6 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "tolist"):  # numpy arrays / scalars
-        return value.tolist()
-    return str(value)
-
-
-def _parse_json(text: Any) -> Any:
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return text
-
-
 class Outbox:
     """
     The ``gold/decision_actions`` table under a lake root (see the module docstring).
