@@ -104,12 +104,11 @@ transaction_request = RequestSource(
     tags={"owner": "decisionflow", "domain": "risk"},
 )
 def transaction_context(inputs: dict) -> dict:
-    to_avg, share = [], []
-    for amount, count, total in zip(inputs["amount"], inputs["txn_count_24h"], inputs["amount_sum_24h"]):
-        average = total / count if amount is not None and count and total is not None else None
-        to_avg.append(amount / average if average else None)
-        share.append(amount / total if amount is not None and total else None)
-    return {"amount_to_avg_24h": to_avg, "share_of_24h_spend": share}
+    # One implementation for training sets, online reads and decision runs (imported when called: Feast stores
+    # this function's code in the registry).
+    from decisionflow.features.transforms import transaction_context as compute
+
+    return compute(inputs["amount"], inputs["txn_count_24h"], inputs["amount_sum_24h"])
 
 
 risk_v1 = FeatureService(

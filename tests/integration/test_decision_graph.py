@@ -35,10 +35,15 @@ def trained():
     from decisionflow.models.pipeline import train_and_evaluate
     from decisionflow.models.synthetic import make_transactions
 
+    from decisionflow.features.transforms import TRANSACTION_CONTEXT_OUTPUTS, add_on_demand_features
+
+    # Trained, like risk_v1, on gold features + the on-demand ones, which gold does not hold: the run must add
+    # them with the same code.
+    columns = [*DEFAULT_FEATURE_COLUMNS, *TRANSACTION_CONTEXT_OUTPUTS]
     config = TrainingConfig(lightgbm=LightGBMParams(n_estimators=60))
-    outcome = train_and_evaluate(make_transactions(4000, seed=11), list(DEFAULT_FEATURE_COLUMNS), config)
+    outcome = train_and_evaluate(add_on_demand_features(make_transactions(4000, seed=11)), columns, config)
     thresholds = outcome.thresholds["model"]
-    pinned = PinnedModel("decisionflow-risk", "7", "run-abc", tuple(DEFAULT_FEATURE_COLUMNS),
+    pinned = PinnedModel("decisionflow-risk", "7", "run-abc", tuple(columns),
                          float(thresholds.review), float(thresholds.decline))
     return outcome.model, pinned
 

@@ -110,7 +110,7 @@ def test_watcher_ingests_everything_and_silver_accounts_for_it(stack, client, la
     started = now_iso()
     client.unpause(INGEST)
     client.unpause(BUILD)
-    truth = produce(stack, events=3000, seed=11, truth=tmp_path_factory.mktemp("truth") / "truth.jsonl")
+    truth = produce(stack, events=3000, seed=11, truth=stack.ctx.data / "generator" / "truth-seed11.jsonl")
     PRODUCED.extend(truth)
     kinds = Counter(r["kind"] for r in truth)
     assert kinds["valid"] and sum(n for k, n in kinds.items() if k != "valid") > 100, kinds
@@ -154,8 +154,8 @@ def test_killed_ingest_loses_and_duplicates_nothing(stack, client, lake, tmp_pat
             client.wait_for_run(BUILD, run["dag_run_id"], timeout=1200)
     client.pause(BUILD)
     # The same seed again (exact re-sends of every event) and a larger batch.
-    PRODUCED.extend(produce(stack, events=3000, seed=11, truth=tmp_path_factory.mktemp("t1") / "again.jsonl"))
-    PRODUCED.extend(produce(stack, events=12000, seed=12, truth=tmp_path_factory.mktemp("t2") / "more.jsonl"))
+    PRODUCED.extend(produce(stack, events=3000, seed=11, truth=stack.ctx.data / "generator" / "truth-seed11-again.jsonl"))
+    PRODUCED.extend(produce(stack, events=12000, seed=12, truth=stack.ctx.data / "generator" / "truth-seed12.jsonl"))
     # Small micro-batches so the job is certainly caught between two commits.
     run_id = client.trigger(INGEST, conf={"max_offsets_per_trigger": 2000})
     client.unpause(INGEST)
