@@ -36,3 +36,17 @@ def stack():
 @pytest.fixture(scope="session")
 def client(stack) -> AirflowClient:
     return AirflowClient.for_local_stack(stack.ctx)
+
+
+@pytest.fixture(scope="module")
+def lake(stack) -> Path:
+    """The stack's lake root, once ``test_lakehouse_pipeline.py`` has built gold from generated events."""
+    from deltalake import DeltaTable
+
+    root = stack.ctx.data / "lake"
+    try:
+        rows = DeltaTable(str(root / "gold/transactions_enriched")).to_pyarrow_table(columns=["event_id"]).num_rows
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"no gold tables under {root}: test_lakehouse_pipeline.py builds them first ({exc})")
+    assert rows > 1000, f"gold/transactions_enriched has only {rows} rows"
+    return root

@@ -25,19 +25,6 @@ WEAK = {"lightgbm": {"n_estimators": 5, "num_leaves": 3, "colsample_bytree": 0.2
 
 
 @pytest.fixture(scope="module")
-def lake(stack):
-    from deltalake import DeltaTable
-
-    root = stack.ctx.data / "lake"
-    try:
-        rows = DeltaTable(str(root / "gold/account_features")).to_pyarrow_table(columns=["event_id"]).num_rows
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"no gold tables under {root}: test_lakehouse_pipeline.py builds them first ({exc})")
-    assert rows > 1000, f"gold/account_features has only {rows} rows"
-    return root
-
-
-@pytest.fixture(scope="module")
 def mlflow_client(stack):
     from mlflow import MlflowClient
 

@@ -27,19 +27,6 @@ pytestmark = [pytest.mark.system, pytest.mark.timeout(3600)]
 SYNC, DECIDE = "sync_case_embeddings", "run_decisions"
 
 
-@pytest.fixture(scope="module")
-def lake(stack):
-    from deltalake import DeltaTable
-
-    root = stack.ctx.data / "lake"
-    try:
-        rows = DeltaTable(str(root / "gold/transactions_enriched")).to_pyarrow_table(columns=["event_id"]).num_rows
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"no gold tables under {root}: test_lakehouse_pipeline.py builds them first ({exc})")
-    assert rows > 1000, rows
-    return root
-
-
 def webhook(stack, path: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(f"{stack.webhook.url()}{path}", method="POST" if body is not None else "GET",
                                      data=json.dumps(body).encode() if body is not None else None,

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from decisionflow.decisions.costs import NEVER, CostModel, PolicyOutcome, Thresholds, outcome_of_decisions
+from decisionflow.decisions.costs import (
+    NEVER,
+    CostModel,
+    PolicyOutcome,
+    Thresholds,
+    decisions_by_thresholds,
+    outcome_of_decisions,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -268,8 +275,7 @@ def backtest(policy: Policy, frame: pd.DataFrame, scores: np.ndarray, thresholds
     for row_codes in codes:
         for code in row_codes:
             counts[code] = counts.get(code, 0) + 1
-    d = np.where(scores >= thresholds.decline, "decline", np.where(scores >= thresholds.review, "review",
-                                                                   "approve")).astype(object)
+    d = decisions_by_thresholds(scores, thresholds.review, thresholds.decline)
     rows = (BacktestRow.of(POLICY, np.asarray(decisions, dtype=object), y, policy.costs),
             BacktestRow.of(THRESHOLDS_ONLY, d, y, policy.costs),
             BacktestRow.of(APPROVE_ALL, np.full(len(frame), "approve", dtype=object), y, policy.costs))

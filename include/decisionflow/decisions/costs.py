@@ -29,6 +29,7 @@ __all__ = [
     "PolicyOutcome",
     "Thresholds",
     "apply_policy",
+    "decisions_by_thresholds",
     "outcome_of_decisions",
 ]
 
@@ -189,17 +190,16 @@ def outcome_of_decisions(decisions: Sequence[str] | np.ndarray, labels: Sequence
                          declined_fraud=declined_fraud, declined_legit=declined_legit, total_cost=float(total))
 
 
+def decisions_by_thresholds(scores: Sequence[float] | np.ndarray, review: float | np.ndarray,
+                            decline: float | np.ndarray) -> np.ndarray:
+    """What the thresholds alone decide per score: ``decline`` from ``decline`` on, else ``review`` from ``review``
+    on, else ``approve`` (object array). Thresholds may be arrays (one per row, e.g. several model versions)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    return np.where(s >= decline, "decline", np.where(s >= review, "review", "approve")).astype(object)
+
+
 def apply_policy(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray, thresholds: Thresholds,
                  costs: CostModel) -> PolicyOutcome:
     """Apply the approve / review / decline policy to labelled scores and count outcomes and cost."""
     s, y = _as_arrays(scores, labels)
-    decline = s >= thresholds.decline
-    review = (s >= thresholds.review) & ~decline
-    approve = ~(decline | review)
-    approved_fraud = int((approve & (y == 1)).sum())
-    reviewed = int(review.sum())
-    declined_fraud = int((decline & (y == 1)).sum())
-    declined_legit = int((decline & (y == 0)).sum())
-    total = costs.missed_fraud * approved_fraud + costs.review * reviewed + costs.false_decline * declined_legit
-    return PolicyOutcome(n=int(s.size), approved_fraud=approved_fraud, reviewed=reviewed,
-                         declined_fraud=declined_fraud, declined_legit=declined_legit, total_cost=float(total))
+    return outcome_of_decisions(decisions_by_thresholds(s, thresholds.review, thresholds.decline), y, costs)

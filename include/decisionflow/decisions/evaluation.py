@@ -89,13 +89,14 @@ def _rows(decisions: pd.DataFrame, y, thresholds: pd.DataFrame, policy: Policy) 
 
     from decisionflow.decisions.backtest import APPROVE_ALL, POLICY, THRESHOLDS_ONLY, BacktestRow
 
+    from decisionflow.decisions.costs import decisions_by_thresholds
+
     y = np.asarray(y, dtype=np.int64)
-    score = decisions["score"].to_numpy(dtype=np.float64)
-    review, decline = thresholds["review"].to_numpy(), thresholds["decline"].to_numpy()
-    by_thresholds = np.where(score >= decline, "decline", np.where(score >= review, "review", "approve"))
+    by_thresholds = decisions_by_thresholds(decisions["score"].to_numpy(dtype=np.float64),
+                                            thresholds["review"].to_numpy(), thresholds["decline"].to_numpy())
     made = decisions["decision"].to_numpy(dtype=object)
     return [BacktestRow.of(POLICY, made, y, policy.costs).as_dict(),
-            BacktestRow.of(THRESHOLDS_ONLY, by_thresholds.astype(object), y, policy.costs).as_dict(),
+            BacktestRow.of(THRESHOLDS_ONLY, by_thresholds, y, policy.costs).as_dict(),
             BacktestRow.of(APPROVE_ALL, np.full(len(made), "approve", dtype=object), y, policy.costs).as_dict()]
 
 
