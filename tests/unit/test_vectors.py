@@ -435,3 +435,11 @@ def test_operator_carries_the_watermark_in_its_asset_event(tmp_path, monkeypatch
     assert not result["skipped"] and result["upserted"] == 3
     with pytest.raises(ValueError, match="batch_size"):
         MilvusSyncOperator(task_id="bad", batch_size=0)
+
+
+def test_a_fresh_lake_is_not_ready_not_broken(tmp_path):
+    """Before the first gold build there is no silver: the sync says so (the operator skips), naming the table."""
+    from decisionflow.exceptions import NotReadyError
+
+    with pytest.raises(NotReadyError, match="silver/case_notes does not exist.*build_lakehouse"):
+        vsync.sync_case_notes(FakeMilvus(), str(tmp_path / "lake"), CountingEmbedder())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from decisionflow.exceptions import NotReadyError
 from decisionflow.lakehouse.tables import join_path
 
 if TYPE_CHECKING:
@@ -30,6 +31,10 @@ ENTITY_COLUMNS = ("event_id", "account_id", "merchant_id", "amount", "event_time
 
 class TrainingSetError(ValueError):
     """The training set cannot be built: a missing table or column, no labelled rows, a missing feature."""
+
+
+class TrainingSourceMissingError(TrainingSetError, NotReadyError):
+    """A table the training set reads has not been built yet (a fresh platform)."""
 
 
 @dataclass
@@ -60,7 +65,7 @@ def _open(lake_root: str, name: str, storage_options: dict[str, str] | None):
     try:
         return DeltaTable(path, storage_options=storage_options)
     except TableNotFoundError as exc:
-        raise TrainingSetError(f"table {name} does not exist at {path}: run build_lakehouse first") from exc
+        raise TrainingSourceMissingError(f"table {name} does not exist at {path}: run build_lakehouse first") from exc
 
 
 def _read(table, name: str, columns: list[str]) -> pd.DataFrame:

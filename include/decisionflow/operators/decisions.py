@@ -154,7 +154,7 @@ class DecisionRunOperator(BaseOperator):
             with sqlite_checkpointer(checkpoints) as saver:
                 state = run_decisions(ctx, saver, thread_id=f"{dag_id}/{run_id}")
         except DecisionRunError as exc:
-            from airflow.exceptions import AirflowFailException, AirflowSkipException
+            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
             if exc.not_ready:
                 # A fresh stack: no gold or no champion yet. Nothing is decided (never a silent approve); the

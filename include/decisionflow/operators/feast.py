@@ -224,12 +224,19 @@ class BuildTrainingSetOperator(BaseOperator):
         from decisionflow.hooks.feast import FeastHook
         from decisionflow.hooks.lake import LakeHook
 
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from decisionflow.exceptions import NotReadyError
+
         lake = LakeHook(self.lake_conn_id)
         store = FeastHook(self.feast_conn_id, lake_conn_id=self.lake_conn_id).get_store()
-        training = build_training_set(
-            store, lake.root, feature_service=self.feature_service,
-            as_of=utc(self.as_of) if self.as_of else None,
-            label_maturity_days=float(self.label_maturity_days), storage_options=lake.storage_options or None)
+        try:
+            training = build_training_set(
+                store, lake.root, feature_service=self.feature_service,
+                as_of=utc(self.as_of) if self.as_of else None,
+                label_maturity_days=float(self.label_maturity_days), storage_options=lake.storage_options or None)
+        except NotReadyError as exc:  # a fresh platform (no gold yet): nothing to train on, not a failure
+            raise AirflowSkipException(str(exc)) from exc
         run_dir = Path(self.output_dir or config.data_dir() / "training", context["dag"].dag_id,
                        _safe(context["run_id"]))
         run_dir.mkdir(parents=True, exist_ok=True)

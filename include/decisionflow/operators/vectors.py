@@ -92,11 +92,18 @@ class MilvusSyncOperator(BaseOperator):
         self.log.info("syncing %s/%s into Milvus %s collection %r (watermark %s, full=%s, recreate=%s)",
                       lake.root, "silver/case_notes", MilvusHook(self.milvus_conn_id).uri, self.collection,
                       watermark, full, recreate)
-        with MilvusHook(self.milvus_conn_id).client() as client:
-            report = sync_case_notes(
-                client, lake.root, embedder, storage_options=lake.storage_options or None,
-                collection=self.collection, watermark=watermark, full=full, recreate=recreate,
-                batch_size=self.batch_size, log=self.log.info)
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from decisionflow.exceptions import NotReadyError
+
+        try:
+            with MilvusHook(self.milvus_conn_id).client() as client:
+                report = sync_case_notes(
+                    client, lake.root, embedder, storage_options=lake.storage_options or None,
+                    collection=self.collection, watermark=watermark, full=full, recreate=recreate,
+                    batch_size=self.batch_size, log=self.log.info)
+        except NotReadyError as exc:  # a fresh platform: nothing to sync yet, not a failure
+            raise AirflowSkipException(str(exc)) from exc
         result = report.as_dict()
         if self.synced_asset is not None and context.get("outlet_events") is not None:
             context["outlet_events"][self.synced_asset].extra = {

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from decisionflow.constants import CASE_NOTES_COLLECTION, SILVER_CASE_NOTES_TABLE, SILVER_LABELS_TABLE
+from decisionflow.exceptions import NotReadyError
 from decisionflow.vectors.collection import DENSE_FIELD, PRIMARY_FIELD, truncate_utf8
 
 if TYPE_CHECKING:
@@ -58,6 +59,10 @@ UNKNOWN = "unknown"
 
 class SyncError(RuntimeError):
     """The sync cannot run: the message names the table or collection and the remedy."""
+
+
+class SilverMissingError(SyncError, NotReadyError):
+    """silver/case_notes or silver/labels has not been built yet (a fresh platform)."""
 
 
 @dataclass
@@ -192,7 +197,7 @@ def _open(lake_root: str, table: str, storage_options: Mapping[str, str] | None)
     try:
         return DeltaTable(path, storage_options=dict(storage_options) if storage_options else None)
     except TableNotFoundError as exc:
-        raise SyncError(f"vectors: table {table} does not exist at {path}; run build_lakehouse first (its "
+        raise SilverMissingError(f"vectors: table {table} does not exist at {path}; run build_lakehouse first (its "
                         "migrate task creates the silver tables)") from exc
 
 
