@@ -27,11 +27,12 @@ import pendulum
 from airflow.sdk import DAG, Param, task
 from airflow.timetables.trigger import CronTriggerTimetable
 
+from decisionflow import constants
 from decisionflow.assets import MODEL_CHAMPION
 from decisionflow.operators.feast import BuildTrainingSetOperator
 from decisionflow.operators.mlflow import PromotionGateOperator, RegisterModelOperator, TrainRiskModelOperator
 
-MODEL_NAME = "decisionflow-risk"
+MODEL_NAME = constants.MODEL_NAME
 EXPERIMENT = "decisionflow-risk-training"
 
 with DAG(
@@ -59,7 +60,7 @@ with DAG(
 ) as dag:
     training_set = BuildTrainingSetOperator(
         task_id="build_training_set",
-        feature_service="risk_v1",
+        feature_service=constants.FEATURE_SERVICE,
         label_maturity_days="{{ params.label_maturity_days }}",
         execution_timeout=timedelta(hours=1),
     )
@@ -71,7 +72,7 @@ with DAG(
         training_config="{{ params.training_config }}",
         shuffle_labels="{{ params.shuffle_labels }}",
         experiment_name=EXPERIMENT,
-        feature_service_name="risk_v1",
+        feature_service_name=constants.FEATURE_SERVICE,
         execution_timeout=timedelta(hours=2),
     )
     register = RegisterModelOperator(

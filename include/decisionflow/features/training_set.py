@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from decisionflow import constants
 from decisionflow.exceptions import NotReadyError
 from decisionflow.lakehouse.tables import join_path
 
@@ -119,7 +120,7 @@ def build_training_set(
     store: FeatureStore,
     lake_root: str,
     *,
-    feature_service: str = "risk_v1",
+    feature_service: str = constants.FEATURE_SERVICE,
     as_of: datetime | None = None,
     label_maturity_days: float = 30.0,
     storage_options: dict[str, str] | None = None,

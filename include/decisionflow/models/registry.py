@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from decisionflow import constants
 from decisionflow.models.config import CostModel, TrainingConfig
 from decisionflow.models.dataset import label_array
 from decisionflow.models.metrics import Evaluation, evaluate
@@ -54,8 +55,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
+CHALLENGER = constants.CHALLENGER_ALIAS
+CHAMPION = constants.CHAMPION_ALIAS
 PROMOTED_AT_TAG = "decisionflow.promoted_at"
 PROMOTION_REASON_TAG = "decisionflow.promotion_reason"
 REPLACED_VERSION_TAG = "decisionflow.replaced_version"

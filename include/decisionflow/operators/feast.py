@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from decisionflow import constants
+
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
 
@@ -204,7 +206,7 @@ class BuildTrainingSetOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("feature_service", "label_maturity_days", "as_of", "output_dir")
 
-    def __init__(self, *, feature_service: str = "risk_v1", label_maturity_days: float | str = 30.0,
+    def __init__(self, *, feature_service: str = constants.FEATURE_SERVICE, label_maturity_days: float | str = 30.0,
                  as_of: str | None = None, output_dir: str | None = None, feast_conn_id: str = "feast_default",
                  lake_conn_id: str = "lake_default", **kwargs) -> None:
         super().__init__(**kwargs)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
+from decisionflow import constants
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
@@ -118,7 +120,7 @@ class TrainRiskModelOperator(BaseOperator):
         experiment_name: str,
         feature_columns: list[str] | None = None,
         training_config: dict[str, Any] | str | None = None,
-        feature_service_name: str = "risk_v1",
+        feature_service_name: str = constants.FEATURE_SERVICE,
         lineage: dict[str, Any] | str | None = None,
         shuffle_labels: bool | str = False,
         mlflow_conn_id: str = "mlflow_default",
