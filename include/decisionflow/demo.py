@@ -50,6 +50,23 @@ def _trigger_and_wait(client, dag_id: str, timeout: float, log, t0: float) -> di
     return run
 
 
+def _decided_run_after(client, after: str, timeout: float) -> dict | None:
+    """The first successful run_decisions run queued after ``after`` whose ``decide`` really ran (a run before
+    the first champion succeeds with ``decide`` skipped); ``None`` if none finished within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for run in sorted(client.runs("run_decisions", limit=20), key=lambda r: r.get("run_after") or ""):
+            if (run.get("run_after") or "") < after:
+                continue
+            if run["state"] == "success" and client.task_states("run_decisions", run["dag_run_id"]).get(
+                    "decide") == "success":
+                return run
+            if run["state"] == "failed":
+                return run
+        time.sleep(5)
+    return None
+
+
 def expected_transactions(truth_path: Path) -> int:
     """Distinct contract-valid transactions in a generator truth file: what gold must hold once ingested."""
     ids = set()
@@ -110,6 +127,7 @@ def run_demo(events: int = 15000, seed: int = 7, timeout: float = 3600, log=prin
     log("4/6 gold -> Feast online store -> a model")
     if not _trigger_and_wait(client, "materialize_features", timeout, log, t0):
         return 1
+    train_started = datetime.now(timezone.utc).isoformat()[:19]
     train = _trigger_and_wait(client, "train_risk_model", timeout, log, t0)
     if not train:
         return 1
@@ -121,15 +139,17 @@ def run_demo(events: int = 15000, seed: int = 7, timeout: float = 3600, log=prin
         return 1
 
     log("6/6 decisions (run_decisions runs on the new champion)")
-    trained_at = datetime.now(timezone.utc).isoformat()
-    try:
-        run = client.wait_for_run_after("run_decisions", trained_at[:19], timeout=120, poll=5)
-    except Exception:  # noqa: BLE001 - no asset-triggered run showed up in time: start one
+    run = _decided_run_after(client, train_started, timeout=600)
+    if run is None:  # no run of the champion's showed up: start one
         run = _trigger_and_wait(client, "run_decisions", timeout, log, t0)
         if not run:
             return 1
     else:
         _log_run(log, "run_decisions", run, t0)
+        if run["state"] != "success":
+            log(f"  run_decisions failed: {client.task_states('run_decisions', run['dag_run_id'])} -- the task log "
+                "names the layer and the remedy")
+            return 1
     to_first = time.monotonic() - t0
     summary = client.xcom("run_decisions", run["dag_run_id"], "decide") or {}
     evaluation = client.xcom("run_decisions", run["dag_run_id"], "evaluate") or {}
