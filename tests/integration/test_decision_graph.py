@@ -220,3 +220,22 @@ def test_the_run_scores_itself_against_labels_and_truth(tmp_path, trained):
     approve_all = report.blocks["truth"]["rows"][2]
     assert approve_all["approve_rate"] == 1.0 and approve_all["fraud_caught"] == 0.0
     print("\n" + report.format())
+
+
+def test_the_report_shows_the_decisions(tmp_path, trained):
+    from decisionflow.decisions.evaluation import evaluate_decisions
+    from decisionflow.decisions.report import example_rows, load_decisions, write_report
+
+    write_gold(tmp_path / "lake", make_enriched_transactions(900, seed=13))
+    with sqlite_checkpointer(tmp_path / "ckpt.sqlite") as saver:
+        run_decisions(context(tmp_path, trained, "run-r", ScriptedSimilar()), saver)
+    _, pinned = trained
+    evaluation = evaluate_decisions(str(tmp_path / "lake"), Policy.load(_policy_path()),
+                                    lambda run_id: pinned.thresholds()).as_dict()
+    path = write_report(str(tmp_path / "lake"), tmp_path / "report.html", evaluation=evaluation)
+    text = path.read_text()
+    assert "900 decisions" in text and text.count("data:image/png;base64,") == 3
+    assert "thresholds_only" in text and "approve_all" in text and "Top reason codes" in text
+    examples = example_rows(load_decisions(str(tmp_path / "lake")))
+    assert {row["decision"] for row in examples} <= {"approve", "review", "decline"} and examples
+    assert isinstance(examples[0]["features"], dict)
