@@ -12,11 +12,13 @@ from decisionflow.stack.base import Health, Service, ServiceError, StackContext,
 
 
 def free_port() -> int:
-    """A free port below the ephemeral range (32768+), so no other process's bind(0) takes it meanwhile."""
+    """A free port below the ephemeral range (32768+), so no other process's bind(0) takes it meanwhile, and above
+    the integration tests' Ray worker ports (20002-29999, tests/integration/fixtures_ml.py): a Ray worker left from
+    a test that ran just before once took the port this test had just freed (seen in CI)."""
     import random
 
     for _ in range(200):
-        port = random.randint(20000, 32000)
+        port = random.randint(30000, 32700)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
