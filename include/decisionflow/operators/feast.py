@@ -105,6 +105,25 @@ class FeastMaterializeOperator(BaseOperator):
         self.feast_conn_id = feast_conn_id
         self.lake_conn_id = lake_conn_id
 
+    def _skip_before_the_first_gold_build(self, views, storage_options) -> None:
+        """A fresh platform: the views' Delta tables do not exist yet -- nothing to materialize, not a failure."""
+        from airflow.sdk.exceptions import AirflowSkipException
+        from deltalake import DeltaTable
+        from deltalake.exceptions import TableNotFoundError
+
+        from decisionflow.features import materialization as m
+
+        for view in views:
+            try:
+                path = self._delta_path(view)
+            except m.MaterializationError:
+                continue  # not a Delta source
+            try:
+                DeltaTable(path, storage_options=storage_options or None)
+            except TableNotFoundError as exc:
+                raise AirflowSkipException(f"feature view {view.name}: its table {path} does not exist yet -- run "
+                                           "ingest_transactions and build_lakehouse first") from exc
+
     def execute(self, context: Context) -> dict[str, Any]:
         from decisionflow.features import materialization as m
         from decisionflow.hooks.feast import FeastHook
@@ -113,6 +132,7 @@ class FeastMaterializeOperator(BaseOperator):
         store = hook.get_store()
         views = m.select_views(store, self.feature_views)
         storage_options = _storage_options(hook)
+        self._skip_before_the_first_gold_build(views, storage_options)
         mode = self._mode(context)
         watermark = self._previous_watermark(context)
         new_watermark = watermark
