@@ -168,6 +168,13 @@ def example_rows(frame: pd.DataFrame, per_decision: int = 1) -> list[dict[str, A
     return out
 
 
+_ROW_FORMAT = "{:<16}{:>9}{:>9}{:>9}{:>11}{:>13}{:>14}{:>10}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def print_summary(lake_root: str, summary: Mapping[str, Any], evaluation: Mapping[str, Any] | None = None,
                   log: Callable[[str], None] = print, storage_options: Mapping[str, str] | None = None) -> None:
     """The console summary of the demo: mix, cost against the baselines, reason codes, one example row."""
@@ -180,9 +187,13 @@ def print_summary(lake_root: str, summary: Mapping[str, Any], evaluation: Mappin
     for source in ("labels", "truth"):
         block = (evaluation or {}).get(source)
         if block and block.get("rows"):
-            log(f"  against {source} ({block.get('n')} decisions):")
+            log(f"  against {source} ({block.get('n')} decisions, {block.get('fraud')} fraud):")
+            log("    " + _ROW_FORMAT.format("", "approve", "review", "decline", "decl.prec", "decl.recall",
+                                           "fraud caught", "cost/txn"))
             for row in block["rows"]:
-                log("    " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+                log("    " + _ROW_FORMAT.format(row["name"], *(_share(row[k]) for k in (
+                    "approve_rate", "review_rate", "decline_rate", "decline_precision", "decline_recall",
+                    "fraud_caught")), "-" if row["expected_cost"] is None else f"{row['expected_cost']:.3f}"))
     log("  top reason codes: " + ", ".join(f"{c} ({n})" for c, n in _reason_counts(frame).most_common(5)))
     for row in example_rows(frame)[-1:]:
         log("  example audit row: " + json.dumps(row, default=str)[:1500])
