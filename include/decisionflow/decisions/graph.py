@@ -348,19 +348,21 @@ def build_graph(ctx: DecisionContext):
     work = Path(ctx.work_dir)
 
     def load(state: DecisionState) -> dict:
+        from decisionflow.features.transforms import add_on_demand_features
+
         pinned = ctx.models.pin()
         frame, gold_version = load_undecided(ctx)
+        # Request-time features (Feast's on-demand view) by the same code the training set used, once for the
+        # batch: score and decide read them from here.
+        frame = add_on_demand_features(frame, pinned.feature_columns)
         log.info("decision run %s: %d undecided transactions (gold v%d), model %s v%s", ctx.run_id, len(frame),
                  gold_version, pinned.name, pinned.version)
         return {"model": asdict(pinned), "gold_version": gold_version, "transactions": len(frame),
                 "batch_path": _write(frame, work / "batch.parquet")}
 
     def score(state: DecisionState) -> dict:
-        from decisionflow.features.transforms import add_on_demand_features
-
         pinned = PinnedModel(**{**state["model"], "feature_columns": tuple(state["model"]["feature_columns"])})
-        # Request-time features (Feast's on-demand view) by the same code the training set used.
-        frame = add_on_demand_features(_read(state["batch_path"]), pinned.feature_columns)
+        frame = _read(state["batch_path"])
         scores = ctx.models.scorer(pinned)(frame) if len(frame) else np.zeros(0)
         out = pd.DataFrame({"event_id": frame["event_id"], "score": np.asarray(scores, dtype="float64")})
         return {"scores_path": _write(out, work / "scores.parquet")}
@@ -398,7 +400,6 @@ def build_graph(ctx: DecisionContext):
 
     def decide(state: DecisionState) -> dict:
         from decisionflow.decisions.audit import decision_ids
-        from decisionflow.features.transforms import add_on_demand_features
 
         frame = _read(state["batch_path"])
         scores = _read(state["scores_path"])["score"].to_numpy()
@@ -425,8 +426,7 @@ def build_graph(ctx: DecisionContext):
             "model_name": pinned["name"],
             "model_version": pinned["version"],
             "model_run_id": pinned["run_id"],
-            "features": feature_columns_json(add_on_demand_features(frame, pinned["feature_columns"]),
-                                             list(dict.fromkeys([*pinned["feature_columns"], "amount"]))),
+            "features": feature_columns_json(frame, list(dict.fromkeys([*pinned["feature_columns"], "amount"]))),
             "similar_cases": similar_frame["similar_cases"],
             "policy_name": ctx.policy.name,
             "policy_version": policy_version,

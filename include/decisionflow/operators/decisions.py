@@ -110,7 +110,7 @@ class DecisionRunOperator(BaseOperator):
             headers.setdefault("Authorization", f"Bearer {conn.password}")
         return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
 
-    def _deliverers(self, run_id: str):
+    def _deliverers(self):
         from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
         from decisionflow.hooks.kafka import KafkaHook
 
@@ -146,7 +146,7 @@ class DecisionRunOperator(BaseOperator):
             run_id=run_id, lake_root=lake.root, storage_options=lake.storage_options or None,
             work_dir=config.data_dir() / "decisions" / "runs" / _safe(f"{dag_id}__{run_id}"),
             policy=policy, models=MlflowModelSource(MlflowHook(self.mlflow_conn_id).tracking_uri),
-            similar=self._similar_source(), deliverers=self._deliverers(run_id),
+            similar=self._similar_source(), deliverers=self._deliverers(),
             max_transactions=max_transactions, similar_k=self.similar_k,
         )
         checkpoints = self.checkpoint_path or str(config.data_dir() / "decisions" / "checkpoints.sqlite")
