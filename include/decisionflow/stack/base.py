@@ -69,6 +69,10 @@ class StackContext:
         return str(candidate) if candidate.exists() else name
 
 
+#: Seconds ``Service.stop`` waits, after its processes are gone, for their ports to close.
+PORT_RELEASE_TIMEOUT = 5.0
+
+
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -264,6 +268,12 @@ class Service(ABC):
         if self._group_alive(pid):
             self._signal_group(pid, signal.SIGKILL)
             time.sleep(0.5)
+        # The group can look gone (its members exiting) a moment before the kernel has closed their listening
+        # sockets: `stop` returns once the ports are free too, so a `down` or a restart right after finds them so.
+        # Bounded: a port held by some other process is reported by `down`, not waited for.
+        deadline = time.monotonic() + PORT_RELEASE_TIMEOUT
+        while time.monotonic() < deadline and any(port_open(self.ctx.host, p, timeout=0.2) for p in self.ports()):
+            time.sleep(0.05)
         self.pid_path.unlink(missing_ok=True)
         return True
 
