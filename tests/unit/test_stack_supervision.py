@@ -13,8 +13,7 @@ from decisionflow.stack.base import Health, Service, ServiceError, StackContext,
 
 def free_port() -> int:
     """A free port below the ephemeral range (32768+), so no other process's bind(0) takes it meanwhile, and above
-    the integration tests' Ray worker ports (20002-29999, tests/integration/fixtures_ml.py): a Ray worker left from
-    a test that ran just before once took the port this test had just freed (seen in CI)."""
+    the integration tests' Ray worker ports (20002-29999, tests/integration/fixtures_ml.py)."""
     import random
 
     for _ in range(200):
@@ -25,7 +24,7 @@ def free_port() -> int:
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free port in 20000-32000")
+    raise RuntimeError("no free port in 30000-32700")
 
 
 class HttpServer(Service):
