@@ -65,7 +65,7 @@ def batch(n: int, **columns) -> pd.DataFrame:
 # -- loading --------------------------------------------------------------------------------------------------
 def test_shipped_policy_loads_with_version_and_hash():
     policy = Policy.load()
-    assert policy.name == "transaction_risk" and policy.version == "2026.12.1"
+    assert policy.name == "transaction_risk" and policy.version == "2026.12.2"
     assert len(policy.content_hash) == 64 and policy.source == "transaction_risk.yaml"
     assert policy.similar_cases is not None and policy.rules
     used = {r.reason_code for r in policy.rules} | {b.reason_code for b in policy.bands.values()}

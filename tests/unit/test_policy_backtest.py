@@ -107,7 +107,7 @@ def test_cli_backtest_with_scores_on_a_delta_table(tmp_path, history, capsys):
     assert main([*argv, "--json", "--since", str(history["event_time"].iloc[500])]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in payload["rows"]] == ["policy", "thresholds_only", "approve_all"]
-    assert payload["policy"]["version"] == "2026.12.1" and payload["rows"][0]["n"] < len(history)
+    assert payload["policy"]["version"] == "2026.12.2" and payload["rows"][0]["n"] < len(history)
 
 
 def test_cli_errors_name_the_layer(tmp_path, capsys):
@@ -122,7 +122,7 @@ def test_cli_validate(tmp_path, capsys):
     from decisionflow.cli import main
 
     assert main(["policy", "validate"]) == 0
-    assert "transaction_risk 2026.12.1 OK" in capsys.readouterr().out
+    assert "transaction_risk 2026.12.2 OK" in capsys.readouterr().out
     data = yaml.safe_load(SHIPPED_POLICY.read_text())
     data["rules"][2]["when"]["all"][0]["op"] = "gte"
     bad = tmp_path / "mine.yaml"

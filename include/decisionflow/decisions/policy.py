@@ -55,6 +55,18 @@ Schema (unknown keys are rejected by name at every level)::
     actions: {approve: [action, ...], review: [...], decline: [...]}     # action names: snake_case
     reason_codes: {CODE: description, ...}   # UPPER_SNAKE; every code used above must be declared here
     costs: {missed_fraud: float, review: float, false_decline: float}   # CostModel
+    escalation:                   # optional: what the escalation agent may do (defaults below)
+      allowed: {approve: [decision, ...], review: [...]}   # by score band: the decisions it may recommend
+      never_approve_with: [CODE, ...]    # reason codes that take approve out of the allowed set
+      budget_per_run: int         # cases per run the agent sees, riskiest first; the rest go to human review
+      max_model_calls: int        # per case
+      max_tool_calls: int         # per case
+      case_timeout_seconds: float # per case, wall clock
+    human_review:                 # optional: Airflow HITL review tasks (defaults below)
+      tasks_per_run: int          # review tasks raised per decision run, riskiest open cases first
+      response_timeout_hours: float
+      on_timeout: approve | decline          # the default answer when nobody answers (never a label)
+      actions: {approve: [action, ...], decline: [action, ...]}   # what the reviewer's answer triggers
 
 Conditions follow SQL on NULL: every comparison with a NULL value is false (``ne`` and ``not_in`` too); only
 ``is_null`` matches it. A malformed file fails at :meth:`Policy.load` with :class:`PolicyError` naming the
@@ -85,8 +97,11 @@ __all__ = [
     "OPS",
     "SHIPPED_POLICY",
     "TRANSACTION_FIELDS",
+    "REVIEW_ANSWERS",
     "Condition",
     "CostModel",
+    "EscalationRules",
+    "HumanReviewRules",
     "Policy",
     "PolicyDecisions",
     "PolicyError",
@@ -116,7 +131,7 @@ _ACTION = re.compile(r"^[a-z][a-z0-9_]*$")
 _RULE_ID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 _TOP_KEYS = ("name", "version", "description", "bands", "rules", "similar_cases", "missing_features",
-             "review_budget", "actions", "reason_codes", "costs")
+             "review_budget", "actions", "reason_codes", "costs", "escalation", "human_review")
 _REQUIRED_TOP = ("name", "version", "bands", "actions", "reason_codes", "costs", "review_budget")
 
 
@@ -244,6 +259,61 @@ class ReviewBudget:
         if self.count is not None:
             return self.count
         return max(self.min_count, int(math.floor(self.share * n + 1e-9)))
+
+
+#: What a reviewer may answer: approve / decline resolve the case, escalate hands it on (it stays open).
+REVIEW_ANSWERS: tuple[str, ...] = ("approve", "decline", "escalate")
+
+
+@dataclass(frozen=True)
+class EscalationRules:
+    """What the escalation agent may do with a case the policy sent to review (section ``escalation``).
+
+    The agent never widens this: :meth:`allowed_for` is enforced in code on its recommendation, not asked of it
+    in a prompt. A score in the decline band is decided, never escalated, so it has no entry.
+    """
+
+    allowed: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "approve": ("approve", "review"), "review": ("approve", "review", "decline")})
+    never_approve_with: tuple[str, ...] = ()
+    budget_per_run: int = 25
+    max_model_calls: int = 6
+    max_tool_calls: int = 10
+    case_timeout_seconds: float = 60.0
+
+    def allowed_for(self, band: str, reason_codes: Sequence[str] = ()) -> tuple[str, ...]:
+        """The decisions the agent may recommend for a case of this score band and these reason codes, mildest
+        first; always includes ``review`` (keeping the case for a person is always allowed)."""
+        allowed = list(self.allowed.get(band, ("review",)))
+        if "review" not in allowed:
+            allowed.append("review")
+        if set(reason_codes) & set(self.never_approve_with) and "approve" in allowed:
+            allowed.remove("approve")
+        return tuple(sorted(allowed, key=_SEVERITY.__getitem__))
+
+
+@dataclass(frozen=True)
+class HumanReviewRules:
+    """Human review of the cases still at ``review`` after escalation (section ``human_review``)."""
+
+    tasks_per_run: int = 5
+    response_timeout_hours: float = 24.0
+    on_timeout: str = "decline"
+    actions: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "approve": ("release_transaction",), "decline": ("decline_transaction", "notify_customer")})
+
+    @property
+    def response_timeout(self):
+        """:attr:`response_timeout_hours` as a ``timedelta`` (the HITL task's ``response_timeout``)."""
+        from datetime import timedelta
+
+        return timedelta(hours=self.response_timeout_hours)
+
+    def actions_for(self, answer: str) -> list[str]:
+        """The actions a reviewer's answer triggers (none for ``escalate``: the case stays open)."""
+        if answer not in REVIEW_ANSWERS:
+            raise PolicyError(f"human_review: {answer!r} is not one of {list(REVIEW_ANSWERS)}")
+        return list(self.actions.get(answer, ()))
 
 
 @dataclass(frozen=True)
@@ -535,10 +605,71 @@ def _parse(data: Any, source: str) -> dict[str, Any]:
     except (ConfigError, TypeError) as exc:
         raise ld.fail("costs", str(exc)) from None
 
+    escalation = _parse_escalation(ld, top.get("escalation"))
+    human_review = _parse_human_review(ld, top.get("human_review"))
+
     return dict(name=name, version=version, description=description.strip(), bands=bands, rules=tuple(rules),
                 similar_cases=similar, missing_features=missing, review_budget=budget, actions=actions,
-                reason_codes=dict(codes), costs=costs, source=source, content_hash=hashlib.sha256(
-                    _canonical(data).encode()).hexdigest())
+                reason_codes=dict(codes), costs=costs, escalation=escalation, human_review=human_review,
+                source=source, content_hash=hashlib.sha256(_canonical(data).encode()).hexdigest())
+
+
+def _parse_escalation(ld: _Loader, raw: Any) -> EscalationRules:
+    if raw is None:
+        return EscalationRules()
+    where = "escalation"
+    spec = ld.keys(where, raw, ("allowed", "never_approve_with", "budget_per_run", "max_model_calls",
+                                "max_tool_calls", "case_timeout_seconds"))
+    default = EscalationRules()
+    allowed = dict(default.allowed)
+    if "allowed" in spec:
+        bands = ld.keys(f"{where}.allowed", spec["allowed"], ("approve", "review"))
+        allowed = {}
+        for band, decisions in bands.items():
+            if not isinstance(decisions, list) or not decisions:
+                raise ld.fail(f"{where}.allowed.{band}", "must be a non-empty list of decisions")
+            for decision in decisions:
+                if decision not in DECISIONS:
+                    raise ld.fail(f"{where}.allowed.{band}", f"{decision!r} is not one of {list(DECISIONS)}")
+            allowed[band] = tuple(decisions)
+    never = spec.get("never_approve_with") or []
+    if not isinstance(never, list):
+        raise ld.fail(where, "field 'never_approve_with': must be a list of reason codes")
+    return EscalationRules(
+        allowed=allowed,
+        never_approve_with=tuple(ld.code(f"{where}.never_approve_with", "code", c) for c in never),
+        budget_per_run=int(ld.number(where, "budget_per_run", spec.get("budget_per_run", default.budget_per_run),
+                                     0, None, integer=True)),
+        max_model_calls=int(ld.number(where, "max_model_calls", spec.get("max_model_calls",
+                                                                          default.max_model_calls),
+                                      1, 100, integer=True)),
+        max_tool_calls=int(ld.number(where, "max_tool_calls", spec.get("max_tool_calls", default.max_tool_calls),
+                                     1, 200, integer=True)),
+        case_timeout_seconds=float(ld.number(where, "case_timeout_seconds",
+                                             spec.get("case_timeout_seconds", default.case_timeout_seconds),
+                                             0.1, 3600.0)))
+
+
+def _parse_human_review(ld: _Loader, raw: Any) -> HumanReviewRules:
+    if raw is None:
+        return HumanReviewRules()
+    where = "human_review"
+    spec = ld.keys(where, raw, ("tasks_per_run", "response_timeout_hours", "on_timeout", "actions"))
+    default = HumanReviewRules()
+    on_timeout = spec.get("on_timeout", default.on_timeout)
+    if on_timeout not in ("approve", "decline"):
+        raise ld.fail(where, f"field 'on_timeout': {on_timeout!r} is not one of approve, decline")
+    actions = dict(default.actions)
+    if "actions" in spec:
+        raw_actions = ld.keys(f"{where}.actions", spec["actions"], ("approve", "decline"))
+        actions = {a: ld.actions(f"{where}.actions.{a}", v) for a, v in raw_actions.items()}
+    return HumanReviewRules(
+        tasks_per_run=int(ld.number(where, "tasks_per_run", spec.get("tasks_per_run", default.tasks_per_run),
+                                    0, 1000, integer=True)),
+        response_timeout_hours=float(ld.number(where, "response_timeout_hours",
+                                               spec.get("response_timeout_hours", default.response_timeout_hours),
+                                               0.001, 24.0 * 90)),
+        on_timeout=on_timeout, actions=actions)
 
 
 # -- the policy --------------------------------------------------------------------------------------------------
@@ -561,6 +692,8 @@ class Policy:
     actions: Mapping[str, tuple[str, ...]]
     reason_codes: Mapping[str, str]
     costs: CostModel
+    escalation: EscalationRules = field(default_factory=EscalationRules)
+    human_review: HumanReviewRules = field(default_factory=HumanReviewRules)
     source: str = "<dict>"
     content_hash: str = field(default="", compare=False)
 
@@ -594,6 +727,12 @@ class Policy:
         """Name, version, hash and counts: for logs, MLflow params and the audit."""
         return {"policy_name": self.name, "policy_version": self.version, "policy_content_hash": self.content_hash,
                 "rules": len(self.rules), "similar_cases_rule": self.similar_cases is not None}
+
+    def actions_for(self, decision: str) -> list[str]:
+        """The actions a decision triggers (``actions`` section)."""
+        if decision not in DECISIONS:
+            raise PolicyError(f"{self.source}: {decision!r} is not one of {list(DECISIONS)}")
+        return list(self.actions[decision])
 
     def columns(self) -> tuple[str, ...]:
         """The batch columns :meth:`decide` reads (rule fields and required features; ``score`` is passed apart)."""
