@@ -43,8 +43,8 @@ def _decisions(n: int, run_id: str):
         "reason_codes": [["score_band"]] * n, "score": [i / n for i in range(n)], "model_name": "decisionflow-risk",
         "model_version": "7", "model_run_id": "r7", "features": json.dumps({"amount": 12.5}),
         "similar_cases": audit.not_searched(), "policy_name": "transaction_risk", "policy_version": "2026.12.1",
-        "escalated": False, "rationale": "score band", "actions": [["notify_customer"] if i % 5 == 0 else []
-                                                                   for i in range(n)],
+        "escalated": False, "brain": "policy", "rationale": "score band",
+        "actions": [["notify_customer"] if i % 5 == 0 else [] for i in range(n)],
     })
 
 

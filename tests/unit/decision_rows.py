@@ -37,6 +37,7 @@ def make_decisions(n: int, *, start: int = 0, run_id: str = "run-1", policy_vers
         "policy_name": "transaction_risk",
         "policy_version": policy_version,
         "escalated": decision == "review",
+        "brain": "policy",
         "rationale": [f"score band {d}" for d in decision],
         "actions": [np.array([], dtype=object) if d == "approve" else
                     np.array(["notify_customer"] if d == "review" else ["block_card", "notify_customer"],

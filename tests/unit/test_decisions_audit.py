@@ -42,7 +42,9 @@ def test_schema_matches_the_declaration():
     schema = audit.audit_schema()
     assert schema.field("event_time").type == pa.timestamp("us", tz="UTC")
     assert schema.field("reason_codes").type == pa.list_(pa.string())
-    assert not any(f.nullable for f in schema)
+    v2 = {"brain", "escalation", "review_decision", "reviewed_by", "reviewed_at", "review_note", "review_source"}
+    assert {f.name for f in schema if f.nullable} == v2  # schema version 2 adds them (a migration: nullable)
+    assert spec.schema_version == 2
 
 
 def test_merge_twice_inserts_once(tmp_path):
@@ -89,7 +91,7 @@ def test_table_created_with_declared_properties(tmp_path):
     audit.write_decisions(lake, make_decisions(3))
     dt = DeltaTable(T.table("gold/decisions").path(lake))
     config = dt.metadata().configuration
-    assert config[T.PROPERTY_TABLE] == "gold/decisions" and config[T.PROPERTY_SCHEMA_VERSION] == "1"
+    assert config[T.PROPERTY_TABLE] == "gold/decisions" and config[T.PROPERTY_SCHEMA_VERSION] == "2"
     # what build_lakehouse's migrate task reads: the table created here needs no Spark migrate job
     assert tables_needing_migration(lake, specs=[T.table("gold/decisions")]) == {}
 
@@ -102,6 +104,8 @@ def test_table_created_with_declared_properties(tmp_path):
     ("score", float("nan"), "column score: 1 row(s) are null"),  # pandas' NaN arrives as a null
     ("rationale", "  ", "column rationale: 1 row(s) are empty"),
     ("run_id", None, "column run_id: 1 row(s) are null"),
+    ("brain", "robot", "column brain: 1 row(s) are not one of ['policy', 'agent']"),
+    ("brain", None, "column brain: 1 row(s) are null"),  # nullable in the table, but every run fills it
 ])
 def test_validation_names_column_and_decision(tmp_path, column, value, needle):
     rows = make_decisions(5)
@@ -138,6 +142,20 @@ def test_validation_of_lists_ids_and_missing_columns(tmp_path):
     with pytest.raises(AuditError, match="column model_version: .*missing"):
         audit.write_decisions(lake, make_decisions(2).drop(columns=["model_version"]))
     assert audit.write_decisions(lake, make_decisions(0)) == 0
+    with pytest.raises(AuditError, match="column brain: .*missing"):
+        audit.write_decisions(lake, make_decisions(2).drop(columns=["brain"]))
+
+
+def test_review_columns_start_empty_and_escalation_is_kept(tmp_path):
+    lake = str(tmp_path / "lake")
+    rows = make_decisions(3)
+    rows["escalation"] = [None, '{"brain": "agent", "accepted": true}', None]
+    assert audit.write_decisions(lake, rows) == 3
+    back = audit.read_decisions(lake).set_index("decision_id")
+    assert back.loc[rows.at[1, "decision_id"], "escalation"] == '{"brain": "agent", "accepted": true}'
+    assert back["escalation"].isna().sum() == 2 and (back["brain"] == "policy").all()
+    for column in ("review_decision", "reviewed_by", "reviewed_at", "review_note", "review_source"):
+        assert back[column].isna().all(), column
 
 
 def test_concurrent_writers_insert_each_decision_once(tmp_path):

@@ -26,7 +26,7 @@ from decisionflow.lakehouse.tables import (
 EXPECTED = {
     "silver/transactions", "quarantine/transactions", "silver/labels", "quarantine/labels", "silver/case_notes",
     "quarantine/case_notes", "gold/account_features", "gold/merchant_features", "gold/transactions_enriched",
-    "gold/decisions", "gold/decision_actions",
+    "gold/decisions", "gold/escalations", "gold/decision_actions",
 }
 
 
@@ -47,8 +47,8 @@ def test_every_table_is_declared_with_its_path():
         assert spec.name == name and spec.layer in T.LAYERS and spec.description
         assert T.table_path("/lake", name) == f"/lake/{name}"
         assert spec.path("s3://bucket/lake/") == f"s3://bucket/lake/{name}"
-    assert list(T.TABLES)[-5:] == ["gold/account_features", "gold/merchant_features", "gold/transactions_enriched",
-                                   "gold/decisions", "gold/decision_actions"]
+    assert list(T.TABLES)[-6:] == ["gold/account_features", "gold/merchant_features", "gold/transactions_enriched",
+                                   "gold/decisions", "gold/escalations", "gold/decision_actions"]
     with pytest.raises(KeyError, match="no declared table"):
         T.table("silver/nope")
     assert T.checkpoint_path("/lake", "silver", "transactions") == "/lake/_checkpoints/silver/transactions"

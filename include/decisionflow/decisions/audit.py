@@ -1,4 +1,5 @@
-"""The audit trail: Delta table ``gold/decisions``, one row per decision, written once and never rewritten.
+"""The audit trail: Delta table ``gold/decisions``, one row per decision, written once (only its review columns are
+set later, once).
 
 * :func:`decision_id` / :func:`decision_ids` - the decision's identity, ``uuid5`` over a fixed namespace of
   ``(event_id, policy_version)``: a retried or re-run decision of the same transaction under the same policy
@@ -11,11 +12,15 @@
 * :func:`decided_event_ids` - the event ids already decided (reads one column), for the decision run's
   anti-join; :func:`read_decisions` - rows back as a DataFrame.
 
-Columns (:data:`AUDIT_COLUMNS`; all NOT NULL): decision_id, event_id, account_id, merchant_id, event_time and
+Columns (:data:`AUDIT_COLUMNS`; NOT NULL unless said): decision_id, event_id, account_id, merchant_id, event_time and
 decided_at (timestamp[us, UTC]), run_id, decision (approve | review | decline), reason_codes (list<string>, at
 least one), score (double, finite), model_name, model_version, model_run_id, features (JSON object of the feature
 values used), similar_cases (JSON, see below), policy_name, policy_version, escalated (bool), rationale,
-actions (list<string>, may be empty: an approval usually triggers nothing).
+actions (list<string>, may be empty: an approval usually triggers nothing). Schema version 2 adds, nullable in
+the table: brain (``policy`` | ``agent``: who chose the decision; every run fills it), escalation (JSON summary
+of the escalation step, NULL when the case was not escalated; the full transcript is in ``gold/escalations``)
+and the review columns review_decision, reviewed_by, reviewed_at, review_note, review_source: NULL when written,
+set once by a reviewer's answer (:mod:`decisionflow.decisions.review`) - the only update a row ever gets.
 
 ``similar_cases`` is always a JSON string, one of two shapes:
 
@@ -49,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AUDIT_COLUMNS",
     "AuditError",
+    "BRAINS",
     "DECISIONS",
     "DECISION_ID_NAMESPACE",
     "NOT_SEARCHED",
@@ -77,6 +83,11 @@ SPEC = _declared(constants.DECISIONS_TABLE)
 AUDIT_COLUMNS: list[tuple[str, Any]] = [(c.name, _delta.arrow_type(c.type)) for c in SPEC.columns]
 #: ``similar_cases`` marker reason when the policy did not need a search.
 NOT_SEARCHED = "not needed by the policy"
+
+#: Who chose a decision: the policy, or the escalation agent within what the policy allows.
+BRAINS = ("policy", "agent")
+#: Nullable in the table (added by schema version 2) but every decision run fills it.
+_WRITER_REQUIRED = ("brain",)
 
 _LISTS_NON_EMPTY = ("reason_codes",)  # actions may be empty: an approval usually triggers nothing
 
@@ -124,7 +135,7 @@ def not_searched(reason: str = NOT_SEARCHED) -> str:
 
 
 def audit_schema() -> pa.Schema:
-    """The Arrow schema of ``gold/decisions`` (every column NOT NULL)."""
+    """The Arrow schema of ``gold/decisions`` (NOT NULL as declared)."""
     return _delta.arrow_schema(SPEC)
 
 
@@ -153,7 +164,8 @@ def validate_decisions(rows: pa.Table | pd.DataFrame | Sequence[dict]) -> pa.Tab
     schema = audit_schema()
     if table.num_rows == 0:  # an empty frame's columns have no useful types (pandas says float64)
         return schema.empty_table()
-    missing = [f.name for f in schema if f.name not in table.column_names]
+    missing = [f.name for f in schema if f.name not in table.column_names
+               and (not f.nullable or f.name in _WRITER_REQUIRED)]
     if missing:
         raise AuditError(missing[0], f"missing from the batch (columns missing: {missing})")
     ids = table["decision_id"]
@@ -164,14 +176,17 @@ def validate_decisions(rows: pa.Table | pd.DataFrame | Sequence[dict]) -> pa.Tab
 
     arrays = {}
     for field in schema:
+        if field.name not in table.column_names:  # a nullable column the run does not set (the review ones)
+            arrays[field.name] = pa.nulls(table.num_rows, field.type)
+            continue
         try:
             column = table[field.name].cast(field.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
             raise AuditError(field.name, f"cannot be read as {field.type} ({exc})") from None
         nulls = column.null_count
-        if nulls:
+        if nulls and (not field.nullable or field.name in _WRITER_REQUIRED):
             raise AuditError(field.name, "are null", example(pc.is_null(column)), nulls)
-        if pa.types.is_string(field.type):
+        if pa.types.is_string(field.type) and not field.nullable:
             empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(column)), 0)
             if pc.any(empty).as_py():
                 raise AuditError(field.name, "are empty", example(empty), pc.sum(empty).as_py())
@@ -193,6 +208,12 @@ def validate_decisions(rows: pa.Table | pd.DataFrame | Sequence[dict]) -> pa.Tab
     if pc.any(unknown).as_py():
         values = sorted(set(pc.filter(decision, unknown).to_pylist()))[:5]
         raise AuditError("decision", f"are not one of {list(DECISIONS)} (got {values})", example(unknown),
+                         pc.sum(unknown).as_py())
+    brain = arrays["brain"]
+    unknown = pc.invert(pc.is_in(brain, value_set=pa.array(BRAINS)))
+    if pc.any(unknown).as_py():
+        values = sorted(set(pc.filter(brain, unknown).to_pylist()))[:5]
+        raise AuditError("brain", f"are not one of {list(BRAINS)} (got {values})", example(unknown),
                          pc.sum(unknown).as_py())
     score = arrays["score"]
     finite = pc.is_finite(score)

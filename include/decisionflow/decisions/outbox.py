@@ -214,7 +214,7 @@ class Outbox:
                 frame[name] = _iso_utc(frame[name])
         from decisionflow.decisions.audit import AUDIT_COLUMNS
 
-        nested = [c for c in ("features", "similar_cases") if c in frame.columns]
+        nested = [c for c in ("features", "similar_cases", "escalation") if c in frame.columns]
         plain = [name for name, _ in AUDIT_COLUMNS if name in frame.columns and name not in nested]
 
         def payloads(rows: pd.DataFrame, columns: list[str], channel: str) -> list[str]:
@@ -225,10 +225,12 @@ class Outbox:
             keys = [json.dumps(idempotency_key(d, channel)) for d in rows["decision_id"]]
             extra = [[f'"idempotency_key":{k}' for k in keys]]
             for name in nested if channel == KAFKA else ():
+                null = rows[name].isna().to_numpy()
                 values = rows[name].astype(str)
                 # already JSON (validated objects/lists): nest it; anything else stays a JSON string
                 is_json = values.str.match(r"^\s*[\[{]").to_numpy()
-                extra.append([f'"{name}":{v}' if ok else f'"{name}":{json.dumps(v)}' for v, ok in zip(values, is_json)])
+                extra.append([f'"{name}":null' if none else f'"{name}":{v}' if ok else f'"{name}":{json.dumps(v)}'
+                              for v, ok, none in zip(values, is_json, null)])
             return [line[:-1] + "," + ",".join(parts) + "}" for line, *parts in zip(lines, *extra)]
 
         kafka = payloads(frame, plain, KAFKA)

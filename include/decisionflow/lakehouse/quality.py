@@ -121,6 +121,12 @@ RANGE_RULES: dict[str, tuple[Rule, ...]] = {
         Rule("decision_known", "decision IN ('approve', 'review', 'decline')"),
         Rule("versions_filled", "model_version <> '' AND policy_version <> ''"),
         Rule("score_finite", "NOT isnan(score) AND abs(score) < double('Infinity')"),
+        Rule("brain_known", "brain IS NULL OR brain IN ('policy', 'agent')"),
+        Rule("review_complete", "(review_decision IS NULL) = (reviewed_at IS NULL)"),
+    ),
+    "gold/escalations": (
+        Rule("applied_decision_known", "applied_decision IN ('approve', 'review', 'decline')"),
+        Rule("accepted_has_recommendation", "NOT accepted OR recommendation IS NOT NULL"),
     ),
     "gold/decision_actions": (
         Rule("channel_known", "channel IN ('kafka', 'webhook')"),

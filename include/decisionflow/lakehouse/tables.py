@@ -530,6 +530,15 @@ _TABLES: tuple[TableSpec, ...] = (
 # The decision loop's own tables: written by delta-rs (decisionflow.decisions.audit / .outbox, no Spark), declared
 # here so the migrate job, OPTIMIZE/VACUUM and the quality report cover them like every other table. delta-rs
 # creates them with the same columns, NOT NULL flags and properties when a decision run comes first.
+_DECISION_V2: tuple[Column, ...] = (
+    _c("brain", "STRING", "who chose the decision: policy | agent (schema version 2)"),
+    _c("escalation", "STRING", "JSON summary of the escalation step (NULL: not escalated)"),
+    _c("review_decision", "STRING", "a reviewer's answer: approve | decline | escalate (NULL: not reviewed)"),
+    _c("reviewed_by", "STRING", "who answered (Airflow user, or the CLI's --by)"),
+    _c("reviewed_at", "TIMESTAMP", "when the answer was given (UTC)"),
+    _c("review_note", "STRING", "the reviewer's note"),
+    _c("review_source", "STRING", "hitl | cli | timeout"),
+)
 _DECISION_TABLES: tuple[TableSpec, ...] = (
     TableSpec(
         name="gold/decisions",
@@ -556,11 +565,41 @@ _DECISION_TABLES: tuple[TableSpec, ...] = (
             _c("escalated", "BOOLEAN", "handed to the review queue", null=False),
             _c("rationale", "STRING", "deterministic text: what decided it", null=False),
             _c("actions", "ARRAY<STRING>", "actions the decision triggers (empty: none)", null=False),
+            *_DECISION_V2,
         ),
         keys=("decision_id",),
         zorder_by=("account_id", "event_time"),
         description="Audit trail: one row per decision (event_id x policy version), written once by MERGE "
-                    "insert-if-absent and never rewritten.",
+                    "insert-if-absent; only the review columns are set later, once, by the reviewer's answer.",
+        migrations=(
+            Migration(2, "add brain and escalation (who chose the decision, the escalation summary) and the "
+                         "review columns (set once by a reviewer's answer)",
+                      tuple(AddColumn(c, "'policy'" if c.name == "brain" else None) for c in _DECISION_V2)),
+        ),
+    ),
+    TableSpec(
+        name="gold/escalations",
+        columns=(
+            _c("decision_id", "STRING", "the escalated decision (gold/decisions)", null=False),
+            _c("run_id", "STRING", "the decision run", null=False),
+            _c("event_id", "STRING", null=False),
+            _c("brain", "STRING", "who chose the applied decision: agent | policy", null=False),
+            _c("chat_model", "STRING", "the chat model the agent ran on (NULL: policy brain)"),
+            _c("recommendation", "STRING", "the agent's accepted recommendation (NULL: none)"),
+            _c("applied_decision", "STRING", "approve | review | decline", null=False),
+            _c("accepted", "BOOLEAN", "the agent's recommendation was applied", null=False),
+            _c("refused", "STRING", "JSON list of refused recommendations {decision, reason}", null=False),
+            _c("fallback_reason", "STRING", "why the policy's decision stands (model error, limit, refusal)"),
+            _c("model_calls", "INT", null=False),
+            _c("tool_calls", "INT", null=False),
+            _c("transcript", "STRING", "JSON list of every message the model saw and sent (masked)", null=False),
+            _c("started_at", "TIMESTAMP", null=False),
+            _c("finished_at", "TIMESTAMP", null=False),
+        ),
+        keys=("decision_id",),
+        zorder_by=("run_id",),
+        description="Escalation transcripts: one row per escalated decision with every prompt, tool call and "
+                    "answer of its agent (or the policy brain's note), written once.",
     ),
     TableSpec(
         name="gold/decision_actions",
