@@ -23,6 +23,7 @@ CASE_NOTES_COLLECTION = "case_notes"
 GOLD_ENRICHED_TABLE = "gold/transactions_enriched"
 DECISIONS_TABLE = "gold/decisions"
 DECISION_ACTIONS_TABLE = "gold/decision_actions"
+ESCALATIONS_TABLE = "gold/escalations"
 SILVER_CASE_NOTES_TABLE = "silver/case_notes"
 SILVER_LABELS_TABLE = "silver/labels"
 
@@ -31,3 +32,5 @@ DECISION_EVALUATION_EXPERIMENT = "decisionflow-decisions"
 
 #: Airflow connections of the decision loop.
 ACTIONS_WEBHOOK_CONN_ID = "actions_webhook"
+#: The escalation agent's chat model (optional: without it the policy decides the escalated cases).
+LLM_CONN_ID = "llm_default"
