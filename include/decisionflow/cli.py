@@ -13,6 +13,10 @@
     decisionflow policy backtest --policy FILE [--lake ROOT] [--model-version V | --scores PARQUET |
                                  --generated N] [--since T] [--until T] [--json]
                                          replay a policy over labelled history beside two baselines
+    decisionflow review list [--all] [--lake ROOT]        open and in-review cases of the review queue
+    decisionflow review answer DECISION_ID --decision approve|decline|escalate [--note TEXT] [--by NAME]
+                                         answer a case: through its open HITL task (REST API) if it has one,
+                                         else applied directly (audit, actions, label, case note)
 """
 
 from __future__ import annotations
@@ -233,6 +237,129 @@ def cmd_policy_backtest(args) -> int:
     return 0
 
 
+# -- review -----------------------------------------------------------------------------------------------------
+REVIEW_DAG = "review_decisions"
+
+
+def _lake_root(args) -> str:
+    from decisionflow import config
+
+    return args.lake or str(config.resolve_path("${DECISIONFLOW_DATA}/lake"))
+
+
+def cmd_review_list(args) -> int:
+    from decisionflow.decisions import review_queue
+
+    statuses = None if args.all else [review_queue.OPEN, review_queue.IN_REVIEW]
+    frame = review_queue.read_queue(_lake_root(args), statuses=statuses)
+    if frame.empty:
+        print("no review cases" + ("" if args.all else " open or in review"))
+        return 0
+    print(f"{'decision_id':<36}  {'status':<9}  {'score':>6}  {'queued_at':<19}  {'review task / resolution':<40}  "
+          "reason codes")
+    for row in frame.head(args.limit).itertuples():
+        if row.status == review_queue.IN_REVIEW:
+            where = f"{row.review_run_id}[{int(row.review_map_index)}]"
+        elif row.status in review_queue.FINAL:
+            where = f"{row.resolution} by {row.resolved_by} ({row.review_source})"
+        else:
+            where = "-"
+        print(f"{row.decision_id:<36}  {row.status:<9}  {row.score:>6.3f}  {str(row.queued_at)[:19]:<19}  "
+              f"{where[:40]:<40}  {','.join(row.reason_codes if row.reason_codes is not None else [])}")
+    if len(frame) > args.limit:
+        print(f"... {len(frame) - args.limit} more (--limit)")
+    return 0
+
+
+def _open_hitl_task(client, queued: dict) -> dict | None:
+    """The HITL detail of the case's review task when it exists in Airflow (None: no task for it)."""
+    from decisionflow.airflow_client import AirflowApiError
+
+    run_id, index = queued.get("review_run_id"), queued.get("review_map_index")
+    if queued.get("status") != "in_review" or not run_id or index is None or index != index:  # NaN: no claim
+        return None
+    try:
+        return client.request("GET", f"/dags/{REVIEW_DAG}/dagRuns/{run_id}/taskInstances/review_case.review/"
+                                      f"{int(index)}/hitlDetails")
+    except AirflowApiError as exc:
+        if "404" in str(exc):
+            return None
+        raise
+
+
+def answer_case(lake_root: str, decision_id: str, decision: str, note: str | None, by: str, client=None,
+                log=print) -> dict:
+    """
+    ``decisionflow review answer``: through the case's HITL task when it waits for an answer (PATCH
+    hitlDetails: the apply task records it, the reviewer being the Airflow user the client is logged in as),
+    else applied here. Raises :class:`~decisionflow.decisions.review.ReviewError` for an unknown, not-review or
+    already answered case.
+    """
+    from datetime import datetime, timezone
+
+    from decisionflow.decisions.review import ReviewAnswer, ReviewError, apply_review, check_answerable
+
+    row, queued = check_answerable(lake_root, decision_id)
+    if row.get("review_decision") is not None or queued.get("status") in ("resolved", "escalated"):
+        what = row.get("review_decision") or queued.get("resolution")
+        who = row.get("reviewed_by") or queued.get("resolved_by")
+        when = row.get("reviewed_at") or queued.get("resolved_at")
+        how = row.get("review_source") or queued.get("review_source")
+        raise ReviewError(f"decision {decision_id} is already resolved: {what} by {who} at {when} (via {how}); "
+                          "nothing changed", decision_id)
+    if client is not None:
+        detail = _open_hitl_task(client, queued)
+        if detail is not None:
+            where = f"{REVIEW_DAG} run {queued['review_run_id']} task review_case.review[{int(queued['review_map_index'])}]"
+            if detail.get("response_received"):
+                user = (detail.get("responded_by_user") or {}).get("name", "the timeout")
+                raise ReviewError(f"decision {decision_id} was already answered in Airflow ({where}): "
+                                  f"{detail.get('chosen_options')} by {user} at {detail.get('responded_at')}; its "
+                                  "apply task records it", decision_id)
+            client.request("PATCH", f"/dags/{REVIEW_DAG}/dagRuns/{queued['review_run_id']}/taskInstances/"
+                                    f"review_case.review/{int(queued['review_map_index'])}/hitlDetails",
+                           json={"chosen_options": [decision], "params_input": {"note": note or ""}})
+            log(f"answered {decision} in Airflow ({where}); its apply task records it")
+            return {"via": "hitl", "decision_id": decision_id, "task": where}
+    from decisionflow import config, constants
+    from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
+    from decisionflow.decisions.policy import SHIPPED_POLICY, Policy
+    from decisionflow.decisions.review import KafkaReviewEvents, ReviewPorts
+
+    kafka = {"bootstrap.servers": f"{config.HOST}:{config.port('kafka')}"}
+    webhook = f"http://{config.HOST}:{config.port('webhook')}/actions"
+    ports = ReviewPorts(deliverers=[("kafka", lambda box: deliver_kafka(box, kafka, topic=constants.DECISIONS_TOPIC)),
+                                    ("webhook", lambda box: deliver_webhook(box, webhook))],
+                        events=KafkaReviewEvents(kafka))
+    answer = ReviewAnswer(decision_id, decision, by, datetime.now(timezone.utc), note, "cli")
+    result = apply_review(lake_root, answer, Policy.load(SHIPPED_POLICY), ports)
+    log(f"applied {decision} by {by}: actions {result.actions or 'none'}; events {result.events_sent}")
+    return {"via": "cli", **result.as_dict()}
+
+
+def cmd_review_answer(args) -> int:
+    import getpass
+
+    from decisionflow.airflow_client import AirflowApiError, AirflowClient
+    from decisionflow.decisions.review import ReviewError
+
+    client = None
+    try:
+        client = AirflowClient.for_local_stack()
+    except AirflowApiError as exc:
+        print(f"(Airflow not reachable, applying directly: {exc})", file=sys.stderr)
+    try:
+        answer_case(_lake_root(args), args.decision_id, args.decision, args.note, args.by or getpass.getuser(),
+                    client=client)
+    except ReviewError as exc:
+        print(f"review answer REFUSED -- {exc}", file=sys.stderr)
+        return 1
+    except AirflowApiError as exc:
+        print(f"review answer FAILED -- {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _mlflow_port() -> int:
     from decisionflow import config
 
@@ -298,6 +425,21 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--model-name", help="registered model (default decisionflow-risk)")
     backtest.add_argument("--json", action="store_true", help="machine-readable output")
     backtest.set_defaults(func=cmd_policy_backtest)
+    review = sub.add_parser("review", help="list or answer human review cases")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    listing = review_sub.add_parser("list", help="open and in-review cases, riskiest first")
+    listing.add_argument("--all", action="store_true", help="resolved and escalated cases too")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--lake", help="lake root (default ${DECISIONFLOW_DATA}/lake)")
+    listing.set_defaults(func=cmd_review_list)
+    answer = review_sub.add_parser("answer", help="answer a review case (its HITL task if open, else directly)")
+    answer.add_argument("decision_id")
+    answer.add_argument("--decision", required=True, choices=["approve", "decline", "escalate"])
+    answer.add_argument("--note", help="becomes a case note of the transaction")
+    answer.add_argument("--by", help="who answers when applied directly (default: the OS user); through a HITL "
+                                     "task the Airflow user is recorded")
+    answer.add_argument("--lake", help="lake root (default ${DECISIONFLOW_DATA}/lake)")
+    answer.set_defaults(func=cmd_review_answer)
     trigger = sub.add_parser("trigger", help="unpause and trigger a DAG through the REST API")
     trigger.add_argument("dag_id")
     trigger.add_argument("--wait", action="store_true", help="wait for the run to finish; non-zero unless success")

@@ -23,7 +23,7 @@ from decisionflow import config, constants
 
 #: The DAGs of the loop: `decisionflow up` unpauses them once parsed, so an event flows to a decision unattended.
 LOOP_DAGS = ("ingest_transactions", "build_lakehouse", "materialize_features", "train_risk_model",
-             "sync_case_embeddings", "run_decisions", "maintain_lakehouse")
+             "sync_case_embeddings", "run_decisions", "review_decisions", "maintain_lakehouse")
 
 
 def activate_loop(client, dag_ids=LOOP_DAGS, timeout: float = 300, log=print) -> None:
