@@ -231,6 +231,18 @@ def claim_reviews(lake_root: str, review_run_id: str, limit: int,
     if len(claimed) < len(chosen):
         log.info("%s: %d of %d cases were claimed by a concurrent run first", SPEC.name,
                  len(chosen) - len(claimed), len(chosen))
+        # the mapped tasks are numbered 0..n-1 in this order: the queue must name the same index
+        renumber = pa.table({"decision_id": pa.array(claimed["decision_id"].tolist(), pa.string()),
+                             "review_map_index": pa.array(range(len(claimed)), pa.int64()),
+                             "review_run_id": pa.array([review_run_id] * len(claimed), pa.string())})
+
+        def again(dt) -> dict[str, Any]:
+            return (dt.merge(renumber, predicate="t.decision_id = s.decision_id AND t.review_run_id = "
+                                                 "s.review_run_id", source_alias="s", target_alias="t")
+                    .when_matched_update(updates={"review_map_index": "s.review_map_index"}).execute())
+
+        _merge(lake_root, storage_options, again, "renumber claims")
+        claimed["review_map_index"] = range(len(claimed))
     return claimed
 
 
