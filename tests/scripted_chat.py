@@ -22,7 +22,8 @@ existing in what the model sees, and that the guardrail refuses whatever is stil
 
 ``count_file`` (optional) gets one line ``model <position>`` per call, before the answer (so a call killed
 mid-way is counted too); ``kill_at`` SIGKILLs the process at the start of the call at that position (a task
-killed while the chat model is thinking); ``delay`` sleeps before answering (timeouts).
+killed while the chat model is thinking); ``delay`` sleeps before answering and ``hold`` (a ``threading.Event``)
+makes every call wait until it is set (a model that hangs: timeouts).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class ScriptedChatModel(BaseChatModel):
     count_file: str | None = None
     kill_at: int | None = None
     delay: float = 0.0
+    hold: Any = None  # a threading.Event: each call waits for it to be set before answering
     model_name: str = "scripted"
     calls: int = 0
     seen: list[list[BaseMessage]] = []
@@ -154,6 +156,8 @@ class ScriptedChatModel(BaseChatModel):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.delay:
             time.sleep(self.delay)
+        if self.hold is not None:
+            self.hold.wait(30)
         answer = self._answer(messages)
         calls = [{**c, "id": c.get("id") or f"call-{position}-{i}-{next(_ids)}"}
                  for i, c in enumerate(answer.tool_calls)]
