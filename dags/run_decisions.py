@@ -8,7 +8,9 @@ the transactions wait for the run the first promotion starts.
 1. `decide` — the decision graph (LangGraph) over every gold transaction without a decision yet:
    load (point-in-time gold features) → score (the champion version, pinned for the run) → retrieve (similar
    past cases from Milvus, only where they can change the outcome) → decide (the versioned policy in
-   `include/decisionflow/policies/transaction_risk.yaml`) → escalate (review cases into the review queue) →
+   `include/decisionflow/policies/transaction_risk.yaml`) → escalate (review cases to the escalation agent on
+   the `llm_default` chat model, bound to what the policy allows — or, without that connection, to the policy
+   itself; the cases still at review go to the review queue, where `review_decisions` raises HITL tasks) →
    record (`gold/decisions`, one audit row per decision) → act (the outbox: Kafka topic `decisions`, the
    `actions_webhook`). Each step is checkpointed per run: clearing or retrying the task resumes after the last
    finished step, and nothing is sent twice. Emits the `decisions` asset.

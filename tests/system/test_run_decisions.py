@@ -121,8 +121,16 @@ def test_decisions_exactly_once_through_a_kill_a_rerun_and_a_clear(stack, client
     audit = DeltaTable(str(lake / "gold/decisions")).to_pandas()
     assert audit["event_id"].is_unique and audit["decision_id"].is_unique
     assert set(audit["event_id"]) == set(gold["event_id"]), "every enriched transaction decided exactly once"
-    for column in audit.columns:
+    later = {"escalation", "review_decision", "reviewed_by", "reviewed_at", "review_note", "review_source"}
+    for column in set(audit.columns) - later:
         assert audit[column].notna().all(), f"audit column {column} has empty values"
+    # No llm_default on the local stack: the policy decided every case, and each escalated row says so.
+    assert (audit["brain"] == "policy").all(), audit["brain"].value_counts().to_dict()
+    escalated = audit[audit["escalated"]]
+    assert len(escalated) and escalated["escalation"].notna().all()
+    notes = escalated["escalation"].map(json.loads)
+    assert all(n["brain"] == "policy" and not n.get("chat_model") for n in notes), notes.iloc[0]
+    assert audit.loc[~audit["escalated"], "escalation"].isna().all()
     assert (audit["model_version"] != "").all() and (audit["policy_version"] != "").all()
     searched = audit["similar_cases"].map(lambda s: isinstance(json.loads(s), list))
     assert searched.any(), "no decision drew on similar cases"

@@ -9,7 +9,12 @@
 * **retrieve** - similar past cases from Milvus for the rows where they can change the outcome or are wanted as
   evidence (:meth:`Policy.needs_similar_cases`), in batched hybrid searches, point-in-time.
 * **decide** - the versioned policy: bands, hard rules, the similar-case rule, the review budget, actions.
-* **escalate** - review cases go to the review queue (the agent and human review build on it).
+* **escalate** - the cases the policy sent to review go to the brain (:mod:`decisionflow.decisions.agent`): a
+  LangChain agent on the ``llm_default`` chat model, bound in code to what the policy allows for the case, or -
+  without one - the policy itself. At most ``escalation.budget_per_run`` cases reach the agent, riskiest first
+  (the rest go to human review by score). Each case's agent is checkpointed on its own thread (the decision id),
+  so a retried run repeats no finished model or tool call. The cases still at review go to the review queue,
+  where Airflow HITL tasks (``review_decisions``) pick them up.
 * **record** - the audit rows (``gold/decisions``, MERGE by decision id) and the outbox rows, in that order.
 * **act** - delivers the outbox (Kafka topic ``decisions``, the actions webhook), exactly once.
 
@@ -228,6 +233,10 @@ class DecisionContext:
     :param deliverers: outbox channels, in order (Kafka, then the webhook).
     :param max_transactions: at most this many transactions per run (oldest first); the rest wait for the next.
     :param similar_k: similar cases per transaction.
+    :param brain: who handles the escalated cases: an :class:`~decisionflow.decisions.agent.AgentBrain` (a chat
+        model) or ``None`` for the :class:`~decisionflow.decisions.agent.PolicyBrain` (the policy decides).
+    :param account_history: the agent's ``account_history`` tool (default: from the lake).
+    :param checkpointer: set by :func:`run_decisions`: the agents' per-case threads live beside the run's.
     """
 
     run_id: str
@@ -240,6 +249,9 @@ class DecisionContext:
     storage_options: dict[str, str] | None = None
     max_transactions: int | None = None
     similar_k: int = 5
+    brain: Any = None
+    account_history: Callable[[str, datetime], list[dict[str, Any]]] | None = None
+    checkpointer: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -255,6 +267,8 @@ class DecisionState(TypedDict, total=False):
     similar_summary: dict[str, Any]
     decisions_path: str
     mix: dict[str, int]
+    escalated_path: str
+    escalation: dict[str, Any]
     review_queued: int
     recorded: int
     enqueued: int
@@ -337,6 +351,90 @@ def load_undecided(ctx: DecisionContext) -> tuple[pd.DataFrame, int]:
     if ctx.max_transactions is not None and len(frame) > ctx.max_transactions:
         frame = frame.iloc[: ctx.max_transactions].reset_index(drop=True)
     return frame, gold.version()
+
+
+def escalate_cases(ctx: DecisionContext, decisions: pd.DataFrame, batch: pd.DataFrame, pinned: PinnedModel
+                   ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The escalation step on a decided batch: ``decisions`` with ``brain`` and ``escalation`` filled, and the
+    escalated cases the brain resolved re-decided (decision, actions, reason codes, rationale); plus a summary.
+
+    The brain's answer is already bound to the policy (the agent refuses what the policy does not allow, and its
+    fallback is the policy's decision); the actions always come from the policy, never from the brain. Cases
+    beyond the agent's budget keep ``review`` with ``ESCALATION_BUDGET``, riskiest first to the agent.
+    """
+    import numpy as np
+
+    from decisionflow.decisions.agent import AgentPorts, CaseFile, PolicyBrain, write_escalations
+
+    decisions = decisions.copy()
+    decisions["brain"] = "policy"
+    decisions["escalation"] = None
+    brain = ctx.brain if ctx.brain is not None else PolicyBrain()
+    escalated = np.flatnonzero(decisions["escalated"].to_numpy(dtype=bool))
+    summary: dict[str, Any] = {"brain": getattr(brain, "name", type(brain).__name__), "escalated": len(escalated),
+                               "to_brain": 0, "over_budget": 0, "accepted": 0, "refused": 0, "fallbacks": 0}
+    if not len(escalated):
+        return decisions, summary
+    order = escalated[np.argsort(-decisions["score"].to_numpy()[escalated], kind="stable")]
+    is_agent = getattr(brain, "name", "policy") != "policy"
+    budget = ctx.policy.escalation.budget_per_run if is_agent else len(order)
+    to_brain, over = order[:budget], order[budget:]
+    summary.update(to_brain=len(to_brain), over_budget=len(over))
+
+    decisions["reason_codes"] = decisions["reason_codes"].astype(object)
+    decisions["actions"] = decisions["actions"].astype(object)
+    if len(over):
+        note = json.dumps({"brain": "policy", "reason": "escalation budget of the run used up "
+                           f"({budget} cases); left for human review by score"})
+        for i in over:
+            decisions.at[i, "reason_codes"] = [*decisions.at[i, "reason_codes"], "ESCALATION_BUDGET"]
+            decisions.at[i, "escalation"] = note
+
+    if not len(to_brain):
+        return decisions, summary
+    by_event = batch.set_index("event_id", drop=False)
+    scorer_cache: dict[str, Callable] = {}
+
+    def scorer(frame):
+        if "fn" not in scorer_cache:
+            scorer_cache["fn"] = ctx.models.scorer(pinned)
+        return scorer_cache["fn"](frame)
+
+    if ctx.account_history is not None:
+        history = ctx.account_history
+    else:
+        from decisionflow.decisions.agent import account_history_from_lake
+
+        history = account_history_from_lake(ctx.lake_root, storage_options=ctx.storage_options)
+    ports = AgentPorts(scorer=scorer, similar=ctx.similar, account_history=history, policy=ctx.policy)
+    if getattr(brain, "checkpointer", False) is None and ctx.checkpointer is not None:
+        brain.checkpointer = ctx.checkpointer  # the agents' threads (decision ids) beside the run's own
+    transaction_columns = [c for c in TRANSACTION_COLUMNS if c in batch.columns]
+    results = []
+    for i in to_brain:
+        row = decisions.iloc[i]
+        case = CaseFile.from_rows(row, by_event.loc[row["event_id"], transaction_columns].to_dict())
+        result = brain.escalate(case, ports)
+        results.append(result)
+        codes = [str(c) for c in row["reason_codes"]]
+        if result.reason_code:
+            codes.append(result.reason_code)
+            summary["accepted"] += 1
+        elif result.chat_model:  # the agent was asked and its answer not applied: the policy's decision stands
+            codes.append("AGENT_FALLBACK")
+            summary["fallbacks"] += 1
+        summary["refused"] += len(result.refused)
+        at = decisions.index[i]
+        decisions.at[at, "decision"] = result.decision
+        decisions.at[at, "reason_codes"] = codes
+        decisions.at[at, "actions"] = ctx.policy.actions_for(result.decision)
+        decisions.at[at, "brain"] = result.brain
+        decisions.at[at, "escalation"] = result.summary_json()
+        if result.chat_model:
+            decisions.at[at, "rationale"] = f"{row['rationale']}; escalation ({result.brain}): {result.rationale}"
+    write_escalations(ctx.lake_root, results, ctx.run_id, [decisions.iloc[i]["event_id"] for i in to_brain],
+                      storage_options=ctx.storage_options)
+    return decisions, summary
 
 
 def build_graph(ctx: DecisionContext):
@@ -441,15 +539,21 @@ def build_graph(ctx: DecisionContext):
         from decisionflow.decisions.review_queue import enqueue_reviews
 
         decisions = _read(state["decisions_path"])
-        queued = enqueue_reviews(ctx.lake_root, decisions[decisions["escalated"]], ctx.run_id,
+        batch = _read(state["batch_path"])
+        pinned = PinnedModel(**{**state["model"], "feature_columns": tuple(state["model"]["feature_columns"])})
+        decisions, summary = escalate_cases(ctx, decisions, batch, pinned)
+        still_review = decisions["escalated"].to_numpy(dtype=bool) & (decisions["decision"] == "review").to_numpy()
+        queued = enqueue_reviews(ctx.lake_root, decisions[still_review], ctx.run_id,
                                  storage_options=ctx.storage_options)
-        return {"review_queued": queued}
+        mix = {k: int(v) for k, v in decisions["decision"].value_counts().items()}
+        return {"escalated_path": _write(decisions, work / "escalated.parquet"), "escalation": summary,
+                "review_queued": queued, "mix": mix}
 
     def record(state: DecisionState) -> dict:
         from decisionflow.decisions.audit import write_decisions
         from decisionflow.decisions.outbox import Outbox
 
-        decisions = _read(state["decisions_path"]).drop(columns=["band"])
+        decisions = _read(state["escalated_path"]).drop(columns=["band"])
         recorded = write_decisions(ctx.lake_root, decisions, storage_options=ctx.storage_options)
         enqueued = Outbox(ctx.lake_root, storage_options=ctx.storage_options).enqueue(decisions, ctx.run_id)
         return {"recorded": recorded, "enqueued": enqueued}
@@ -491,6 +595,7 @@ def run_decisions(ctx: DecisionContext, checkpointer: Any, thread_id: str | None
     resumes after its last finished node.
     """
     thread = thread_id or ctx.run_id
+    ctx.checkpointer = checkpointer  # the agents' per-case threads (thread = decision id) live beside the run's
     graph = build_graph(ctx).compile(checkpointer=checkpointer)
     config = {"configurable": {"thread_id": thread}}
     snapshot = graph.get_state(config)

@@ -44,6 +44,9 @@ class DecisionRunOperator(BaseOperator):
     :param webhook_conn_id: HTTP connection of the actions webhook (``host`` a URL, or host/port/schema; extra
         ``endpoint``, default ``actions``; ``password`` a bearer token); when it does not exist the webhook
         channel is off (logged).
+    :param llm_conn_id: the chat model of the escalation agent (``llm_default``: provider, model, base URL,
+        key; see :class:`~decisionflow.hooks.llm.LlmHook`). When the connection does not exist, the policy
+        decides the escalated cases itself and every audit row says so (``brain = policy``).
     :param max_transactions: decide at most this many transactions (oldest first); the rest wait for the next
         run. ``None``: all of them.
     :param similar_k: similar cases kept per transaction.
@@ -56,7 +59,7 @@ class DecisionRunOperator(BaseOperator):
     def __init__(self, *, policy_path: str = DEFAULT_POLICY, lake_conn_id: str = "lake_default",
                  mlflow_conn_id: str = "mlflow_default", milvus_conn_id: str = "milvus_default",
                  kafka_conn_id: str = "kafka_default", webhook_conn_id: str = constants.ACTIONS_WEBHOOK_CONN_ID,
-                 max_transactions: int | str | None = None, similar_k: int = 5,
+                 llm_conn_id: str = constants.LLM_CONN_ID, max_transactions: int | str | None = None, similar_k: int = 5,
                  decisions_asset: Asset | None = None, checkpoint_path: str | None = None, **kwargs) -> None:
         if decisions_asset is not None:
             kwargs["outlets"] = [*kwargs.get("outlets", []), decisions_asset]
@@ -67,6 +70,7 @@ class DecisionRunOperator(BaseOperator):
         self.milvus_conn_id = milvus_conn_id
         self.kafka_conn_id = kafka_conn_id
         self.webhook_conn_id = webhook_conn_id
+        self.llm_conn_id = llm_conn_id
         self.max_transactions = max_transactions
         self.similar_k = similar_k
         self.decisions_asset = decisions_asset
@@ -136,6 +140,7 @@ class DecisionRunOperator(BaseOperator):
         )
         from decisionflow.decisions.policy import Policy
         from decisionflow.hooks.lake import LakeHook
+        from decisionflow.hooks.llm import brain_from_connection
         from decisionflow.hooks.mlflow import MlflowHook
 
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
@@ -148,6 +153,7 @@ class DecisionRunOperator(BaseOperator):
             policy=policy, models=MlflowModelSource(MlflowHook(self.mlflow_conn_id).tracking_uri),
             similar=self._similar_source(), deliverers=self._deliverers(),
             max_transactions=max_transactions, similar_k=self.similar_k,
+            brain=brain_from_connection(self.llm_conn_id),
         )
         checkpoints = self.checkpoint_path or str(config.data_dir() / "decisions" / "checkpoints.sqlite")
         try:
@@ -167,7 +173,8 @@ class DecisionRunOperator(BaseOperator):
             "recorded": state.get("recorded", 0), "review_queued": state.get("review_queued", 0),
             "model": {k: state["model"][k] for k in ("name", "version", "run_id")} if state.get("model") else None,
             "policy": {"name": policy.name, "version": policy.version}, "gold_version": state.get("gold_version"),
-            "similar_cases": state.get("similar_summary"), "delivery": state.get("delivery", {}),
+            "similar_cases": state.get("similar_summary"), "escalation": state.get("escalation"),
+            "delivery": state.get("delivery", {}),
             "timings": state.get("timings", {}),
         }
         self.log.info("decided %s transactions: %s; delivery %s", summary["transactions"], summary["mix"],
