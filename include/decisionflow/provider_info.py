@@ -12,6 +12,7 @@ _INTEGRATIONS = {
     "Ray": (["decisionflow.hooks.ray"], [], [], []),
     "Milvus": (["decisionflow.hooks.milvus"], ["decisionflow.operators.vectors"], [], []),
     "Feast": (["decisionflow.hooks.feast"], ["decisionflow.operators.feast"], [], []),
+    "LangChain": (["decisionflow.hooks.llm"], [], [], []),
     "decisionflow decisions": ([], ["decisionflow.operators.decisions"], [], []),
     "decisionflow platform": ([], ["decisionflow.operators.platform"], [], []),
 }
@@ -22,6 +23,7 @@ CONNECTION_TYPES = [
     {"connection-type": "ray", "hook-class-name": "decisionflow.hooks.ray.RayHook"},
     {"connection-type": "milvus", "hook-class-name": "decisionflow.hooks.milvus.MilvusHook"},
     {"connection-type": "feast", "hook-class-name": "decisionflow.hooks.feast.FeastHook"},
+    {"connection-type": "llm", "hook-class-name": "decisionflow.hooks.llm.LlmHook"},
 ]
 
 

@@ -18,7 +18,7 @@ def test_provider_info_via_package_and_entry_point():
 def test_connection_types_point_at_real_hooks():
     info = get_provider_info()
     types = {c["connection-type"] for c in info["connection-types"]}
-    assert {"mlflow", "ray", "milvus", "feast", "delta_lake"} <= types
+    assert {"mlflow", "ray", "milvus", "feast", "delta_lake", "llm"} <= types
     for entry in info["connection-types"]:
         module, _, cls = entry["hook-class-name"].rpartition(".")
         hook = getattr(importlib.import_module(module), cls)
