@@ -13,7 +13,7 @@ _INTEGRATIONS = {
     "Milvus": (["decisionflow.hooks.milvus"], ["decisionflow.operators.vectors"], [], []),
     "Feast": (["decisionflow.hooks.feast"], ["decisionflow.operators.feast"], [], []),
     "LangChain": (["decisionflow.hooks.llm"], [], [], []),
-    "decisionflow decisions": ([], ["decisionflow.operators.decisions"], [], []),
+    "decisionflow decisions": ([], ["decisionflow.operators.decisions", "decisionflow.operators.review"], [], []),
     "decisionflow platform": ([], ["decisionflow.operators.platform"], [], []),
 }
 
