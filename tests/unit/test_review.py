@@ -258,3 +258,16 @@ def test_a_claim_raced_by_another_run_keeps_map_indexes_dense(lake, monkeypatch)
     stored = read(root, review_run_id="rev-1").sort_values("review_map_index")
     assert len(mine) == len(review_ids(frame)) - 1
     assert list(mine["review_map_index"]) == list(stored["review_map_index"]) == list(range(len(mine)))
+
+
+def test_load_case_reads_the_gold_transaction(lake):
+    import pandas as pd
+    from deltalake import write_deltalake
+
+    root, frame = lake
+    decision_id = review_ids(frame)[0]
+    event_id = frame.set_index("decision_id").loc[decision_id, "event_id"]
+    write_deltalake(f"{root}/gold/transactions_enriched", pd.DataFrame({
+        "event_id": [event_id, "other"], "amount": [42.0, 1.0], "memo": ["gift", ""], "txn_count_1h": [3, 1]}))
+    row, txn = load_case(root, decision_id)
+    assert row["decision_id"] == decision_id and txn == {"event_id": event_id, "amount": 42.0, "memo": "gift"}

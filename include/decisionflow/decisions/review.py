@@ -216,6 +216,7 @@ def _audit_row(lake_root: str, decision_id: str, storage_options: dict[str, str]
 
 def _transaction(lake_root: str, event_id: str, storage_options: dict[str, str] | None) -> dict[str, Any] | None:
     """The gold transaction of ``event_id`` (its transaction columns), or None when not readable."""
+    import pyarrow as pa
     from deltalake import DeltaTable, QueryBuilder
 
     from decisionflow.decisions.graph import TRANSACTION_COLUMNS
@@ -223,12 +224,10 @@ def _transaction(lake_root: str, event_id: str, storage_options: dict[str, str] 
 
     try:
         dt = DeltaTable(table_path(lake_root, "gold/transactions_enriched"), storage_options=storage_options)
-        have = set(dt.schema().to_arrow().names)
+        have = set(pa.schema(dt.schema().to_arrow()).names)
         columns = ", ".join(f'"{c}"' for c in TRANSACTION_COLUMNS if c in have)
         reader = QueryBuilder().register("t", dt).execute(
             f"SELECT {columns} FROM t WHERE event_id = {_delta.sql_string(event_id)} LIMIT 1")
-        import pyarrow as pa
-
         rows = pa.table(reader).to_pylist()
     except Exception as exc:  # noqa: BLE001 - the body says it could not be read; the review still works
         log.warning("transaction %s not readable from gold (%s)", event_id, exc)
