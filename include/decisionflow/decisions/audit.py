@@ -203,18 +203,12 @@ def validate_decisions(rows: pa.Table | pd.DataFrame | Sequence[dict]) -> pa.Tab
                 mask = pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=rows_hit.cast(pa.int64()))
                 raise AuditError(field.name, "contain null or empty elements", example(mask), len(rows_hit))
         arrays[field.name] = column
-    decision = arrays["decision"]
-    unknown = pc.invert(pc.is_in(decision, value_set=pa.array(DECISIONS)))
-    if pc.any(unknown).as_py():
-        values = sorted(set(pc.filter(decision, unknown).to_pylist()))[:5]
-        raise AuditError("decision", f"are not one of {list(DECISIONS)} (got {values})", example(unknown),
-                         pc.sum(unknown).as_py())
-    brain = arrays["brain"]
-    unknown = pc.invert(pc.is_in(brain, value_set=pa.array(BRAINS)))
-    if pc.any(unknown).as_py():
-        values = sorted(set(pc.filter(brain, unknown).to_pylist()))[:5]
-        raise AuditError("brain", f"are not one of {list(BRAINS)} (got {values})", example(unknown),
-                         pc.sum(unknown).as_py())
+    for name, allowed in (("decision", DECISIONS), ("brain", BRAINS)):
+        unknown = pc.invert(pc.is_in(arrays[name], value_set=pa.array(allowed)))
+        if pc.any(unknown).as_py():
+            values = sorted(set(pc.filter(arrays[name], unknown).to_pylist()))[:5]
+            raise AuditError(name, f"are not one of {list(allowed)} (got {values})", example(unknown),
+                             pc.sum(unknown).as_py())
     score = arrays["score"]
     finite = pc.is_finite(score)
     if not pc.all(finite).as_py():
