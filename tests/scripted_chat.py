@@ -169,3 +169,34 @@ class ScriptedChatModel(BaseChatModel):
 def scripted(script: Sequence[Any] | Callable[..., Any] = (), **kwargs: Any) -> ScriptedChatModel:
     """A :class:`ScriptedChatModel` with this script (fresh lists, so instances never share them)."""
     return ScriptedChatModel(script=list(script), seen=[], **kwargs)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` durably (fsync): a count written before a SIGKILL is still there after it."""
+    with open(path, "a") as fh:
+        fh.write(line + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def count_tool_calls(count_file: str | os.PathLike, *, per_case: bool = False) -> None:
+    """Make every tool the agent builds write ``tool [<decision_id>] <name> start`` / ``... end`` to
+    ``count_file`` around its execution (patches :func:`decisionflow.decisions.agent.build_tools`; for the
+    subprocess scripts of the durability tests)."""
+    from decisionflow.decisions import agent as agent_module
+
+    original = agent_module.build_tools
+
+    def counting_tools(case, ports, masker, on_tool=None):
+        tools = original(case, ports, masker, on_tool)
+        prefix = f"tool {case.decision_id}" if per_case else "tool"
+        for tool in tools:
+            def counted(*a, _fn=tool.func, _name=tool.name, **k):
+                append_line(count_file, f"{prefix} {_name} start")
+                out = _fn(*a, **k)
+                append_line(count_file, f"{prefix} {_name} end")
+                return out
+            tool.func = counted
+        return tools
+
+    agent_module.build_tools = counting_tools

@@ -23,9 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: scripted_chat
 
-from scripted_chat import call, say, scripted  # noqa: E402
+from scripted_chat import call, count_tool_calls, say, scripted  # noqa: E402
 
-from decisionflow.decisions import agent as agent_module  # noqa: E402
 from decisionflow.decisions.agent import AgentBrain, AgentPorts, CaseFile  # noqa: E402
 from decisionflow.decisions.graph import sqlite_checkpointer  # noqa: E402
 from decisionflow.decisions.policy import Policy  # noqa: E402
@@ -38,13 +37,6 @@ SCRIPT = [
 ]
 
 
-def log(path: str, line: str) -> None:
-    with open(path, "a") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
@@ -54,20 +46,7 @@ def main() -> None:
     parser.add_argument("--kill-in-score", action="store_true")
     args = parser.parse_args()
 
-    original = agent_module.build_tools
-
-    def counting_tools(case, ports, masker, on_tool=None):
-        tools = original(case, ports, masker, on_tool)
-        for tool in tools:
-            def counted(*a, _fn=tool.func, _name=tool.name, **k):
-                log(args.counts, f"tool {_name} start")
-                out = _fn(*a, **k)
-                log(args.counts, f"tool {_name} end")
-                return out
-            tool.func = counted
-        return tools
-
-    agent_module.build_tools = counting_tools
+    count_tool_calls(args.counts)
 
     def scorer(frame):
         if args.kill_in_score:

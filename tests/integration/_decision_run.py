@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import pickle
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: scripted_chat
 
-from scripted_chat import call, say, scripted  # noqa: E402
+from scripted_chat import append_line, call, count_tool_calls, say, scripted  # noqa: E402
 
-from decisionflow.decisions import agent as agent_module  # noqa: E402
 from decisionflow.decisions.agent import AgentBrain  # noqa: E402
 from decisionflow.decisions.graph import DecisionContext, InMemoryModelSource, run_decisions, sqlite_checkpointer  # noqa: E402
 from decisionflow.decisions.policy import Policy  # noqa: E402
@@ -35,13 +33,6 @@ SCRIPT = [
 BUDGET = 4
 
 
-def log(path: Path, line: str) -> None:
-    with open(path, "a") as fh:
-        fh.write(line + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("work")
@@ -50,25 +41,12 @@ def main() -> None:
     work = Path(args.work)
     counts, delivered = work / "counts.txt", work / "delivered.txt"
 
-    original = agent_module.build_tools
-
-    def counting_tools(case, ports, masker, on_tool=None):
-        tools = original(case, ports, masker, on_tool)
-        for tool in tools:
-            def counted(*a, _fn=tool.func, _name=tool.name, **k):
-                log(counts, f"tool {case.decision_id} {_name} start")
-                out = _fn(*a, **k)
-                log(counts, f"tool {case.decision_id} {_name} end")
-                return out
-            tool.func = counted
-        return tools
-
-    agent_module.build_tools = counting_tools
+    count_tool_calls(counts, per_case=True)
 
     def deliver(outbox):
         pending = outbox.pending(channel="kafka")
         for decision_id in pending["decision_id"]:
-            log(delivered, decision_id)
+            append_line(delivered, decision_id)
         if len(pending):
             outbox.mark_sent(pending["decision_id"].tolist(), "kafka")
         return {"sent": len(pending)}
