@@ -451,6 +451,32 @@ def test_migrations_create_add_a_column_and_are_idempotent(spark, tmp_path):
     assert maintenance.migrate(spark, lake, [enriched])[0]["action"] == "up-to-date"
     assert maintenance.tables_needing_migration(lake, specs=[enriched]) == {}
 
+    # the audit trail of a deployment from before schema version 2 (written by delta-rs) is migrated by Spark,
+    # old rows backfilled brain = 'policy', and delta-rs writes v2 decisions into it afterwards
+    import dataclasses
+
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    from decisionflow.decisions import _delta, audit
+
+    from unit.decision_rows import make_decisions  # tests/ is on sys.path (rootdir conftest)
+
+    decisions = table("gold/decisions")
+    v1_audit = dataclasses.replace(decisions, columns=decisions.columns_at(1), migrations=())
+    _delta.open_table(v1_audit, lake, create=True)
+    old_rows = make_decisions(3).drop(columns=["band", "brain"])
+    write_deltalake(decisions.path(lake), _delta.conform(pa.Table.from_pandas(old_rows, preserve_index=False),
+                                                  _delta.arrow_schema(v1_audit)),
+                    mode="append")
+    assert maintenance.tables_needing_migration(lake, specs=[decisions]) == {
+        "gold/decisions": "schema version 1, declared 2"}
+    step = maintenance.migrate(spark, lake, [decisions])[0]
+    assert step["action"] == "migrated" and step["applied"] == [2]
+    assert audit.write_decisions(lake, make_decisions(2, start=10)) == 2
+    back = DeltaTable(decisions.path(lake)).to_pandas()
+    assert len(back) == 5 and (back["brain"] == "policy").all() and back["reviewed_at"].isna().all()
+
     # an incompatible existing table is refused, naming table and column, and left alone
     bad = TableSpec("gold/test_bad", columns[:2], keys=("id",), description="bad")
     spark.sql(f"CREATE TABLE delta.`{bad.path(lake)}` (id STRING NOT NULL, n STRING) USING DELTA")
