@@ -2,7 +2,9 @@
 ### review_decisions — the riskiest review cases as human-in-the-loop tasks
 
 Runs when `run_decisions` records decisions (the `decisions` asset), and hourly as a fallback. A DAG of its own:
-an unanswered review never holds up the next decision run.
+an unanswered review never holds up the next decision run. A run lasts until its cases are answered (or time
+out), so at most `max_active_runs` (8) × `tasks_per_run` tasks wait for people at once; later runs queue and
+claim nothing until they start.
 
 1. `pick` — claims the riskiest open cases of the review queue (`gold/review_queue`), at most the policy's
    `human_review.tasks_per_run` (param `tasks` overrides): each becomes `in_review`, owned by this run. The rest
