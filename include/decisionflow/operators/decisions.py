@@ -26,6 +26,46 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:200]
 
 
+def webhook_url(conn_id: str, log: Any) -> tuple[str | None, dict[str, str]]:
+    """The actions webhook's URL and headers from an HTTP connection (``host`` a URL, or host/port/schema; extra
+    ``endpoint``, default ``actions``, and ``headers``; ``password`` a bearer token); ``(None, {})`` when the
+    connection does not exist (the channel is off, logged)."""
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - AirflowNotFoundException: the channel is simply not configured
+        log.info("no %s connection: the webhook channel is off", conn_id)
+        return None, {}
+    host = conn.host or ""
+    url = host if "://" in host else f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
+    extra = conn.extra_dejson or {}
+    path = str(extra.get("endpoint", "actions"))  # as HttpOperator's endpoint: relative to the host
+    headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
+    if conn.password:
+        headers.setdefault("Authorization", f"Bearer {conn.password}")
+    return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
+
+
+def outbox_deliverers(kafka_conn_id: str, webhook_conn_id: str, log: Any) -> tuple[list, Any]:
+    """The outbox's channels from connections, in order: Kafka topic ``decisions`` (created with
+    :data:`DECISIONS_TOPIC_PARTITIONS` when missing), then the actions webhook when its connection exists; and
+    the :class:`~decisionflow.hooks.kafka.KafkaHook` (for other topics of the same cluster)."""
+    from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
+    from decisionflow.hooks.kafka import KafkaHook
+
+    # The connection's librdkafka settings; the outbox adds its own producer/consumer settings on top.
+    hook = KafkaHook(kafka_config_id=kafka_conn_id)
+    kafka_config = dict(hook.config)
+    channels = [("kafka", lambda outbox: deliver_kafka(
+        outbox, kafka_config, topic=constants.DECISIONS_TOPIC,
+        ensure_topic=lambda topic: hook.ensure_topic(topic, DECISIONS_TOPIC_PARTITIONS)))]
+    url, headers = webhook_url(webhook_conn_id, log)
+    if url:
+        channels.append(("webhook", lambda outbox: deliver_webhook(outbox, url, headers=headers)))
+    return channels, hook
+
+
 class DecisionRunOperator(BaseOperator):
     """
     Decide every gold transaction that has no decision yet, once: the LangGraph decision graph
@@ -94,41 +134,6 @@ class DecisionRunOperator(BaseOperator):
         cache = config.data_dir() / "embeddings"
         return MilvusSimilarCases(hook.get_client, lambda: embedder_from_config(cache_dir=cache))
 
-    def _webhook_url(self) -> tuple[str | None, dict[str, str]]:
-        from airflow.sdk import BaseHook
-
-        try:
-            conn = BaseHook.get_connection(self.webhook_conn_id)
-        except Exception:  # noqa: BLE001 - AirflowNotFoundException: the channel is simply not configured
-            self.log.info("no %s connection: the webhook channel is off", self.webhook_conn_id)
-            return None, {}
-        host = conn.host or ""
-        if "://" in host:
-            url = host
-        else:
-            url = f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
-        extra = conn.extra_dejson or {}
-        path = str(extra.get("endpoint", "actions"))  # as HttpOperator's endpoint: relative to the host
-        headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
-        if conn.password:
-            headers.setdefault("Authorization", f"Bearer {conn.password}")
-        return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
-
-    def _deliverers(self):
-        from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
-        from decisionflow.hooks.kafka import KafkaHook
-
-        # The connection's librdkafka settings; the outbox adds its own producer/consumer settings on top.
-        hook = KafkaHook(kafka_config_id=self.kafka_conn_id)
-        kafka_config = dict(hook.config)
-        channels = [("kafka", lambda outbox: deliver_kafka(
-            outbox, kafka_config, topic=constants.DECISIONS_TOPIC,
-            ensure_topic=lambda topic: hook.ensure_topic(topic, DECISIONS_TOPIC_PARTITIONS)))]
-        url, headers = self._webhook_url()
-        if url:
-            channels.append(("webhook", lambda outbox: deliver_webhook(outbox, url, headers=headers)))
-        return channels
-
     def execute(self, context: Context) -> dict[str, Any]:
         from decisionflow import config
         from decisionflow.decisions.graph import (
@@ -151,7 +156,8 @@ class DecisionRunOperator(BaseOperator):
             run_id=run_id, lake_root=lake.root, storage_options=lake.storage_options or None,
             work_dir=config.data_dir() / "decisions" / "runs" / _safe(f"{dag_id}__{run_id}"),
             policy=policy, models=MlflowModelSource(MlflowHook(self.mlflow_conn_id).tracking_uri),
-            similar=self._similar_source(), deliverers=self._deliverers(),
+            similar=self._similar_source(),
+            deliverers=outbox_deliverers(self.kafka_conn_id, self.webhook_conn_id, self.log)[0],
             max_transactions=max_transactions, similar_k=self.similar_k,
             brain=brain_from_connection(self.llm_conn_id),
         )
