@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 DEFAULT_POLICY = str(Path(__file__).resolve().parents[1] / "policies" / "transaction_risk.yaml")
 #: The reviewer's answers (``decisionflow.decisions.review.ANSWERS``).
 OPTIONS = ["approve", "decline", "escalate"]
-#: Partitions of the ``decisions`` topic when the review creates it (as the decision run does).
-TOPIC_PARTITIONS = 3
 
 
 def _note_param() -> dict[str, Param]:
@@ -85,45 +83,16 @@ class ReviewCaseOperator(HITLOperator):
 
 
 def kafka_ports(kafka_conn_id: str, webhook_conn_id: str, log) -> tuple[list, Any]:
-    """The deliverers of the outbox (as the decision run's) and the label/note publisher, from connections."""
-    from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
+    """The deliverers of the outbox (the decision run's own) and the label/note publisher, from connections."""
     from decisionflow.decisions.review import KafkaReviewEvents
-    from decisionflow.hooks.kafka import KafkaHook
+    from decisionflow.operators.decisions import outbox_deliverers
 
-    hook = KafkaHook(kafka_config_id=kafka_conn_id)
-    config = dict(hook.config)
-
-    def ensure(topic: str) -> None:  # as the decision run creates it
-        hook.ensure_topic(topic, TOPIC_PARTITIONS)
+    deliverers, hook = outbox_deliverers(kafka_conn_id, webhook_conn_id, log)
 
     def exists(topic: str) -> None:  # a source topic: created by the platform, any partition count is fine
         hook.ensure_topic(topic, 1)
 
-    deliverers: list = [("kafka", lambda outbox: deliver_kafka(outbox, config, topic=constants.DECISIONS_TOPIC,
-                                                               ensure_topic=ensure))]
-    url, headers = webhook_url(webhook_conn_id, log)
-    if url:
-        deliverers.append(("webhook", lambda outbox: deliver_webhook(outbox, url, headers=headers)))
-    return deliverers, KafkaReviewEvents(config, ensure_topic=exists)
-
-
-def webhook_url(conn_id: str, log) -> tuple[str | None, dict[str, str]]:
-    """The actions webhook URL and headers of an HTTP connection (as ``DecisionRunOperator``); None: off."""
-    from airflow.sdk import BaseHook
-
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:  # noqa: BLE001 - AirflowNotFoundException: the channel is simply not configured
-        log.info("no %s connection: the webhook channel is off", conn_id)
-        return None, {}
-    host = conn.host or ""
-    url = host if "://" in host else f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
-    extra = conn.extra_dejson or {}
-    path = str(extra.get("endpoint", "actions"))
-    headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
-    if conn.password:
-        headers.setdefault("Authorization", f"Bearer {conn.password}")
-    return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
+    return deliverers, KafkaReviewEvents(dict(hook.config), ensure_topic=exists)
 
 
 class ApplyReviewOperator(BaseOperator):
