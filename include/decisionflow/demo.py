@@ -158,12 +158,32 @@ def run_demo(events: int = 15000, seed: int = 7, timeout: float = 3600, log=prin
 
     path = write_report(str(lake), config.data_dir() / "reports" / "decisions.html", evaluation=evaluation)
     print_summary(str(lake), summary, evaluation, log=log)
+    _log_review_tasks(client, log)
     log(f"\ntime from the start of the demo to the first decisions: {to_first:.0f}s")
     log(f"report: {path}")
     log(f"Airflow UI: {client.base_url}  (user admin, password in "
         f"{config.data_dir() / 'airflow' / 'simple_auth_manager_passwords.json.generated'})")
     log(f"MLflow: http://{config.HOST}:{config.port('mlflow')}  (experiment {constants.DECISION_EVALUATION_EXPERIMENT})")
     return 0
+
+
+def _log_review_tasks(client, log, wait: float = 90) -> None:
+    """How many review cases wait as HITL tasks (``review_decisions`` runs on the decisions asset), and how to
+    answer one; waits a little for the first ones to be raised, never fails the demo."""
+    deadline = time.monotonic() + wait
+    waiting = 0
+    while time.monotonic() < deadline:
+        try:
+            waiting = client.request("GET", "/dags/review_decisions/dagRuns/~/hitlDetails",
+                                     params={"response_received": "false", "limit": 1}).get("total_entries", 0)
+        except Exception as exc:  # noqa: BLE001 - informative only
+            log(f"  review tasks: not readable ({exc})")
+            return
+        if waiting:
+            break
+        time.sleep(5)
+    log(f"  review tasks waiting for a person: {waiting} (Airflow UI: Browse -> Required Actions; or "
+        "`decisionflow review list` / `decisionflow review answer <decision_id> --decision approve|decline`)")
 
 
 def main(argv: list[str] | None = None) -> int:
