@@ -92,3 +92,51 @@ def kafka_connection(kafka_broker, monkeypatch) -> str:
     """Point the ``kafka_default`` Airflow connection at the private broker; returns its bootstrap servers."""
     monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", kafka_connection_uri(kafka_broker.bootstrap_servers))
     return kafka_broker.bootstrap_servers
+
+
+# -- helpers for the exactly-once tests -------------------------------------------------------------------------
+def ensure_topic(bootstrap: str, topic: str, partitions: int = 3) -> None:
+    """Create ``topic`` (when missing) and wait until every partition has a leader."""
+    import time
+
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if topic not in admin.list_topics(timeout=10).topics:
+        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])[topic].result(30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        meta = admin.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is None and meta.partitions and all(p.leader >= 0 for p in meta.partitions.values()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"topic {topic}: partitions without a leader after 30 s")
+
+
+def committed_records(bootstrap: str, topic: str) -> list:
+    """Every committed record of ``topic`` from the beginning (``isolation.level=read_committed``), as confluent
+    messages; fails when the read does not reach the end of every partition."""
+    import time
+    import uuid
+
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
+                         "isolation.level": "read_committed", "enable.partition.eof": True,
+                         "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+        done, records = set(), []
+        deadline = time.monotonic() + 30
+        while len(done) < len(parts) and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        done.add(msg.partition())
+                    continue
+                records.append(msg)
+        assert len(done) == len(parts), f"read-back of {topic} did not reach the end of the topic"
+        return records
+    finally:
+        consumer.close()

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 try:  # tests/integration is a package (has __init__.py)
-    from .fixtures_kafka import kafka_broker  # noqa: F401 - pytest fixture
+    from .fixtures_kafka import committed_records, ensure_topic, kafka_broker  # noqa: F401 - pytest fixture
 except ImportError:  # collected as a plain directory (rootdir-relative import mode)
-    from fixtures_kafka import kafka_broker  # noqa: F401
+    from fixtures_kafka import committed_records, ensure_topic, kafka_broker  # noqa: F401
 
 from decisionflow.decisions import audit
 from decisionflow.decisions.outbox import KAFKA, Outbox, deliver_kafka
@@ -48,43 +48,9 @@ def _decisions(n: int, run_id: str):
     })
 
 
-def _ensure(bootstrap: str, topic: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])[topic].result(30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        meta = admin.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is None and meta.partitions and all(p.leader >= 0 for p in meta.partitions.values()):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(topic)
-
-
 def _committed(bootstrap: str, topic: str) -> Counter:
     """decision_id -> committed records on the topic, read from the beginning with read_committed."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex}",
-                         "isolation.level": "read_committed", "enable.partition.eof": True,
-                         "enable.auto.commit": False})
-    try:
-        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-        done, counts = set(), Counter()
-        deadline = time.monotonic() + 30
-        while len(done) < len(parts) and time.monotonic() < deadline:
-            for msg in consumer.consume(1000, timeout=0.5):
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        done.add(msg.partition())
-                    continue
-                counts[msg.key().decode()] += 1
-        assert len(done) == len(parts), "read-back did not reach the end of the topic"
-        return counts
-    finally:
-        consumer.close()
+    return Counter(msg.key().decode() for msg in committed_records(bootstrap, topic))
 
 
 def _kill_when_ready(args: list[str], marker: Path, timeout: float = 40.0) -> None:
@@ -106,7 +72,7 @@ def _kill_when_ready(args: list[str], marker: Path, timeout: float = 40.0) -> No
 def test_exactly_one_record_per_decision_after_kills(kafka_broker, tmp_path):
     bootstrap = kafka_broker.bootstrap_servers
     topic = f"decisions.test.{uuid.uuid4().hex[:8]}"
-    _ensure(bootstrap, topic)
+    ensure_topic(bootstrap, topic)
     lake = str(tmp_path / "lake")
     decisions = _decisions(N, "run-1")
     assert audit.write_decisions(lake, decisions) == N
@@ -165,7 +131,7 @@ def test_delivery_rate(kafka_broker, tmp_path):
     """Throughput of one delivery (printed): 20k decisions, batches of 5,000."""
     bootstrap = kafka_broker.bootstrap_servers
     topic = f"decisions.rate.{uuid.uuid4().hex[:8]}"
-    _ensure(bootstrap, topic)
+    ensure_topic(bootstrap, topic)
     outbox = Outbox(str(tmp_path / "lake"))
     decisions = _decisions(20_000, "run-rate")
     outbox.enqueue(decisions)
@@ -184,7 +150,7 @@ def test_two_concurrent_senders_still_one_record_each(kafka_broker, tmp_path):
 
     bootstrap = kafka_broker.bootstrap_servers
     topic = f"decisions.race.{uuid.uuid4().hex[:8]}"
-    _ensure(bootstrap, topic)
+    ensure_topic(bootstrap, topic)
     lake = str(tmp_path / "lake")
     decisions = _decisions(4000, "run-race")
     Outbox(lake).enqueue(decisions)

@@ -5,7 +5,6 @@ open (fenced and aborted by the retry). Read back with isolation.level=read_comm
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
@@ -14,9 +13,9 @@ import numpy as np
 import pytest
 
 try:  # tests/integration is a package (has __init__.py)
-    from .fixtures_kafka import kafka_broker  # noqa: F401 - pytest fixture
+    from .fixtures_kafka import committed_records, ensure_topic, kafka_broker  # noqa: F401 - pytest fixture
 except ImportError:
-    from fixtures_kafka import kafka_broker  # noqa: F401
+    from fixtures_kafka import committed_records, ensure_topic, kafka_broker  # noqa: F401
 
 from decisionflow import constants, contracts
 from decisionflow.decisions import audit, review_queue
@@ -35,47 +34,17 @@ pytestmark = pytest.mark.integration
 TOPICS = (constants.DECISIONS_TOPIC, contracts.LABELS, contracts.CASE_NOTES)
 
 
-def _ensure(bootstrap: str, topic: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    if topic in admin.list_topics(timeout=10).topics:
-        return
-    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        meta = admin.list_topics(topic, timeout=10).topics[topic]
-        if meta.error is None and meta.partitions and all(p.leader >= 0 for p in meta.partitions.values()):
-            return
-        time.sleep(0.2)
-
-
-def _committed(bootstrap: str, topic: str) -> list:
-    """(key, idempotency-key header, value) of every committed record of ``topic``."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+def _committed(bootstrap: str, topic: str, ours: set[str]) -> list:
+    """(key, idempotency-key header, value) of the committed records of ``topic`` that belong to this test: keyed
+    by one of ``ours`` or with an idempotency key of one of them (the session's broker is shared: other tests
+    write the same source topics, tombstones included)."""
     out = []
-    try:
-        for p in consumer.list_topics(topic, timeout=10).topics[topic].partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high <= low:
-                continue
-            consumer.assign([TopicPartition(topic, p, low)])
-            while True:
-                msg = consumer.poll(3)
-                if msg is None:
-                    break
-                if msg.error():
-                    continue
-                headers = dict(msg.headers() or [])
-                out.append((msg.key().decode(), (headers.get("idempotency-key") or b"").decode(),
-                            json.loads(msg.value())))
-                if msg.offset() >= high - 1:
-                    break
-    finally:
-        consumer.close()
+    for msg in committed_records(bootstrap, topic):
+        headers = dict(msg.headers() or [])
+        key = msg.key().decode() if msg.key() else ""
+        header = (headers.get("idempotency-key") or b"").decode()
+        if key in ours or header.partition(":")[0] in ours:
+            out.append((key, header, json.loads(msg.value()) if msg.value() is not None else None))
     return out
 
 
@@ -110,7 +79,7 @@ def test_label_note_and_action_once_through_a_crash_and_a_zombie(kafka_broker, c
 
     bootstrap = kafka_broker.bootstrap_servers
     for topic in TOPICS:
-        _ensure(bootstrap, topic)
+        ensure_topic(bootstrap, topic, 2)
     root, frame = case
     policy = Policy.load()
     config = {"bootstrap.servers": bootstrap}
@@ -139,7 +108,8 @@ def test_label_note_and_action_once_through_a_crash_and_a_zombie(kafka_broker, c
     result2 = apply_review(root, answer2, policy, ReviewPorts(deliverers, events))
     assert result2.events_sent == {"sent": 1, "already_delivered": 0}
 
-    labels = _committed(bootstrap, contracts.LABELS)
+    ours = {first, second, resolution_id(first), resolution_id(second)}
+    labels = _committed(bootstrap, contracts.LABELS, ours)
     by_key = Counter(header for _, header, _ in labels)
     assert by_key[f"{first}:label"] == 1 and by_key[f"{second}:label"] == 1
     values = {header: value for _, header, value in labels}
@@ -147,7 +117,7 @@ def test_label_note_and_action_once_through_a_crash_and_a_zombie(kafka_broker, c
     assert not [v for v in values.values() if v.get("zombie")]
     for _, header, value in labels:
         assert contracts.validate(contracts.LABELS, value) == []
-    notes = _committed(bootstrap, contracts.CASE_NOTES)
+    notes = _committed(bootstrap, contracts.CASE_NOTES, ours)
     assert [h for _, h, _ in notes] == [f"{first}:note"] and notes[0][0] == "acc-1"
-    decisions = Counter(key for key, _, _ in _committed(bootstrap, constants.DECISIONS_TOPIC))
+    decisions = Counter(key for key, _, _ in _committed(bootstrap, constants.DECISIONS_TOPIC, ours))
     assert decisions == {resolution_id(first): 1, resolution_id(second): 1}
