@@ -386,9 +386,9 @@ def escalate_cases(ctx: DecisionContext, decisions: pd.DataFrame, batch: pd.Data
     if len(over):
         note = json.dumps({"brain": "policy", "reason": "escalation budget of the run used up "
                            f"({budget} cases); left for human review by score"})
-        for i in over:
-            decisions.at[i, "reason_codes"] = [*decisions.at[i, "reason_codes"], "ESCALATION_BUDGET"]
-            decisions.at[i, "escalation"] = note
+        for at in decisions.index[over]:
+            decisions.at[at, "reason_codes"] = [*decisions.at[at, "reason_codes"], "ESCALATION_BUDGET"]
+            decisions.at[at, "escalation"] = note
 
     if not len(to_brain):
         return decisions, summary
