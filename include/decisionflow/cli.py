@@ -27,6 +27,8 @@ import shlex
 import subprocess
 import sys
 
+from decisionflow import constants
+
 
 def _stack():
     from decisionflow.stack import Stack
@@ -434,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=cmd_review_list)
     answer = review_sub.add_parser("answer", help="answer a review case (its HITL task if open, else directly)")
     answer.add_argument("decision_id")
-    answer.add_argument("--decision", required=True, choices=["approve", "decline", "escalate"])
+    answer.add_argument("--decision", required=True, choices=list(constants.REVIEW_ANSWERS))
     answer.add_argument("--note", help="becomes a case note of the transaction")
     answer.add_argument("--by", help="who answers when applied directly (default: the OS user); through a HITL "
                                      "task the Airflow user is recorded")

@@ -34,3 +34,6 @@ DECISION_EVALUATION_EXPERIMENT = "decisionflow-decisions"
 ACTIONS_WEBHOOK_CONN_ID = "actions_webhook"
 #: The escalation agent's chat model (optional: without it the policy decides the escalated cases).
 LLM_CONN_ID = "llm_default"
+
+#: What a reviewer may answer a review case: approve / decline resolve it, escalate hands it on.
+REVIEW_ANSWERS = ("approve", "decline", "escalate")

@@ -86,6 +86,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from decisionflow import constants
 from decisionflow.decisions.costs import DECISIONS, NEVER, ConfigError, CostModel, Thresholds
 
 if TYPE_CHECKING:
@@ -261,8 +262,8 @@ class ReviewBudget:
         return max(self.min_count, int(math.floor(self.share * n + 1e-9)))
 
 
-#: What a reviewer may answer: approve / decline resolve the case, escalate hands it on (it stays open).
-REVIEW_ANSWERS: tuple[str, ...] = ("approve", "decline", "escalate")
+#: What a reviewer may answer (approve / decline resolve the case, escalate hands it on).
+REVIEW_ANSWERS: tuple[str, ...] = constants.REVIEW_ANSWERS
 
 
 @dataclass(frozen=True)

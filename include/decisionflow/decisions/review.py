@@ -68,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ANSWERS = ("approve", "decline", "escalate")
+ANSWERS = constants.REVIEW_ANSWERS
 HITL, CLI, TIMEOUT = "hitl", "cli", "timeout"
 SOURCES = (HITL, CLI, TIMEOUT)
 #: ``reviewed_by`` of an answer nobody gave (the policy's default after the response timeout).

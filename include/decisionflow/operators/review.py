@@ -7,21 +7,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import BaseOperator, Param
 
 from decisionflow import constants
+from decisionflow.operators.decisions import DEFAULT_POLICY  # one shipped-policy path for every operator
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: The policy shipped with the project (package data).
-DEFAULT_POLICY = str(Path(__file__).resolve().parents[1] / "policies" / "transaction_risk.yaml")
-#: The reviewer's answers (``decisionflow.decisions.review.ANSWERS``).
-OPTIONS = ["approve", "decline", "escalate"]
+#: The reviewer's answers.
+OPTIONS = list(constants.REVIEW_ANSWERS)
 
 
 def _note_param() -> dict[str, Param]:
