@@ -186,6 +186,24 @@ def test_a_single_row_reads_what_feast_reads(store):
         assert_same(reader.read([row]), feast_dict(store, [row]))
 
 
+def test_event_times_per_view_say_how_old_each_row_is(store):
+    """``read_with_event_times``: the same values, and per view the event time of the row each entity got."""
+    reader = OnlineFeatureReader(store, SERVICE)
+    rows = [{"account_id": "a1", "merchant_id": "m3", "amount": 5.0},
+            {"account_id": "stale", "merchant_id": "m1", "amount": 5.0},
+            {"account_id": "nobody", "merchant_id": "m1", "amount": 5.0},
+            {"account_id": "a1", "merchant_id": "m-none", "amount": 5.0}]
+    values, times = reader.read_with_event_times(rows)
+    assert_same(values, feast_dict(store, rows))
+    assert sorted(times) == ["account_features", "merchant_features"] == sorted(reader.view_names)
+    accounts, merchants = times["account_features"], times["merchant_features"]
+    assert accounts[0] == accounts[3] == NOW - timedelta(minutes=30)  # a1's latest (corrected) row
+    assert accounts[1] == NOW - timedelta(days=10) and accounts[2] is None
+    assert merchants[0] == NOW - timedelta(days=35) and merchants[1] == NOW - timedelta(minutes=20)
+    assert merchants[3] is None
+    assert reader.view_ttls["account_features"] == timedelta(days=7)
+
+
 def test_row_key_order_and_entity_names_read_what_feast_reads(store):
     reader = OnlineFeatureReader(store, SERVICE)
     rows = [{"amount": 3.5, "merchant_id": "m1", "account_id": "a2"},

@@ -19,7 +19,8 @@ key order may differ: Feast orders a view's features by set iteration). What it 
   *not* apply the view's TTL when reading: a row materialized into the online store is served (status
   ``PRESENT``) however old its event time. Only materialization windows and the precomputed-vector path of a
   ``precompute_online`` service look at TTLs. The reader therefore does not filter by age either; a service
-  that would take the precomputed path is refused.
+  that would take the precomputed path is refused. :meth:`OnlineFeatureReader.read_with_event_times` also
+  returns each view's event timestamp per row, so a caller (the serving gateway) can judge freshness itself.
 * **Type round trips**: entity and request values go Python -> ``ValueProto`` -> Python in Feast (a ``NaN``
   request value becomes ``None``, an ``int`` amount in a float column becomes a float, ...), and so do the
   on-demand outputs (typed by the on-demand view's schema). Plain ``str`` / ``int`` / ``float`` columns take a
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from datetime import timezone
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -107,6 +109,15 @@ def _round_trip(values: list, value_type: ValueType, read_type: ValueType | None
                 return [None if v is None or v != v else v for v in values], None, value_type  # NaN: null
     protos = python_values_to_proto_values(list(values), value_type)
     return [_to_python(p, read_type) for p in protos], protos, value_type
+
+
+def _utc(ts: Any) -> Any:
+    """An online store's event timestamp as a timezone-aware UTC ``datetime`` (stores return naive UTC)."""
+    if ts is None:
+        return None
+    if getattr(ts, "tzinfo", None) is None:
+        return ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc)
 
 
 def _proto_for(value: Any, value_type: ValueType) -> ValueProto:
@@ -330,6 +341,27 @@ class OnlineFeatureReader:
         request = [key for key in keys if key in self._request_fields]
         return join_columns, request
 
+    @property
+    def view_names(self) -> list[str]:
+        """The feature views read (the service's views and the sources of its on-demand views), in read order."""
+        return [view.view.projection.name_to_use() for view in self._views]
+
+    @property
+    def view_ttls(self) -> dict[str, Any]:
+        """Each read view's Feast TTL (a ``timedelta``; ``None`` or zero = no limit)."""
+        return {view.view.projection.name_to_use(): view.view.ttl for view in self._views}
+
+    def read_with_event_times(self, entity_rows: Sequence[dict[str, Any]]
+                              ) -> tuple[dict[str, list], dict[str, list]]:
+        """:meth:`read`, plus per feature view the event timestamp of the online row each entity row got.
+
+        Returns ``(values, event_times)``: ``values`` exactly as :meth:`read`; ``event_times[view]`` one
+        timezone-aware ``datetime`` per row (``None`` where the entity is not in the online store). Feast 0.67
+        serves a row however old (no TTL online): the event times let the caller judge freshness itself.
+        """
+        times: dict[str, list] = {}
+        return self._read(entity_rows, times), times
+
     def read(self, entity_rows: Sequence[dict[str, Any]]) -> dict[str, list]:
         """The service's online values for ``entity_rows``: ``{column: [value per row]}``.
 
@@ -342,6 +374,9 @@ class OnlineFeatureReader:
             KeyError: a view's join key is missing from the rows.
             feast.errors.RequestDataNotFoundInEntityRowsException: a request field is missing.
         """
+        return self._read(entity_rows, None)
+
+    def _read(self, entity_rows: Sequence[dict[str, Any]], times: dict[str, list] | None) -> dict[str, list]:
         if not entity_rows:
             raise ValueError("entity_rows is empty")
         keys = tuple(entity_rows[0])
@@ -371,7 +406,7 @@ class OnlineFeatureReader:
 
         read_columns: dict[str, list] = {}
         for view in self._views:
-            read_columns.update(self._read_view(view, key_values, key_protos, n))
+            read_columns.update(self._read_view(view, key_values, key_protos, n, times))
         requested = self._requested
         for view in self._views:
             for name in requested[view.view.projection.name_to_use()]:
@@ -385,7 +420,7 @@ class OnlineFeatureReader:
         return response
 
     def _read_view(self, view: _View, key_values: dict[str, list], key_protos: dict[str, tuple],
-                   n: int) -> dict[str, list]:
+                   n: int, times: dict[str, list] | None = None) -> dict[str, list]:
         """One ``online_read`` for the distinct entities of the batch; the view's columns fanned out to rows."""
         join_keys = view.join_keys
         # The distinct entities (Feast's _get_unique_entities), keyed by their Python values.
@@ -441,6 +476,10 @@ class OnlineFeatureReader:
             by_row = per_entity
         else:
             by_row = [per_entity[slot[e]] for e in row_entities]
+        if times is not None:  # the event timestamp of each entity's online row (None: not in the store)
+            entity_times = [_utc(ts) if data is not None else None for ts, data in rows]
+            times[view.view.projection.name_to_use()] = (
+                entity_times if len(first_row) == n else [entity_times[slot[e]] for e in row_entities])
         return {name: list(values) for name, values in zip(names, zip(*by_row))}
 
     def _transform(self, od: _OnDemand, key_values: dict[str, list], request_values: dict[str, list],
