@@ -321,6 +321,123 @@ def feature_columns_json(frame: pd.DataFrame, columns: Sequence[str]) -> list[st
     return text.rstrip("\n").split("\n")
 
 
+# -- the decision itself, shared by the batch run and the online gateway -------------------------------------
+def retrieve_similar(similar: SimilarCaseSource | None, policy: Policy, frame: pd.DataFrame, scores: np.ndarray,
+                     thresholds: Thresholds, k: int, *, run_id: str | None = None
+                     ) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """
+    Similar past cases for the rows of ``frame`` where the policy wants them (:meth:`Policy.needs_similar_cases`).
+
+    The batch run's ``retrieve`` node and the online gateway (``POST /v1/decisions``) both call this, so a
+    transaction gets the same evidence either way.
+
+    :param similar: the similar-case search (:class:`MilvusSimilarCases`), or ``None`` when no vector store is
+        configured: the rows that wanted a search say so in their ``similar_cases``.
+    :param policy: the loaded policy.
+    :param frame: the transactions (with their features), one row each.
+    :param scores: the model's score of each row.
+    :param thresholds: the pinned model's thresholds (:meth:`PinnedModel.thresholds`).
+    :param k: similar cases per searched row.
+    :param run_id: named in the log when the search fails.
+    :return: ``(similar_cases, searched, summary)``: per row the ``similar_cases`` audit value (a JSON string:
+        the list of cases, or ``{"searched": false, "reason": ...}``), per row whether a search was made and
+        answered (bool array), and a summary ``{"wanted", "searched", "status": "ok" | "unavailable",
+        "reason"?, "mode"?}``. A failed search never raises: the rows are decided without the similar-case rule
+        and the audit and the log say why.
+    """
+    import numpy as np
+
+    wanted = (policy.needs_similar_cases(frame, scores, thresholds) if len(frame)
+              else np.zeros(0, dtype=bool))
+    wanted = np.asarray(wanted, dtype=bool)
+    found_cases = np.full(len(frame), None, dtype=object)
+    summary: dict[str, Any] = {"wanted": int(wanted.sum()), "searched": 0, "status": "ok"}
+    if wanted.any():
+        if similar is None:
+            summary.update(status="unavailable", reason="no vector store configured (milvus_default)")
+        else:
+            try:
+                found = similar.search(frame.loc[wanted], k)
+            except Exception as exc:  # noqa: BLE001 - degrade, never silently: the audit and the log say so
+                summary.update(status="unavailable", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+                log.warning("[milvus] similar-case search failed for run %s: %s -- remedy: check that the "
+                            "Milvus server of milvus_default is up and run sync_case_embeddings; deciding "
+                            "without the similar-case rule", run_id, summary["reason"])
+            else:
+                found_cases[np.flatnonzero(wanted)] = [json.dumps(cases) for cases in found]
+                summary["searched"] = int(wanted.sum())
+                summary["mode"] = getattr(similar, "last_mode", None)
+    not_searched = json.dumps({"searched": False, "reason": "not needed by the policy"})
+    unavailable = json.dumps({"searched": False, "reason": f"unavailable: {summary.get('reason', '')}"})
+    column = np.where(wanted & (found_cases == None), unavailable,  # noqa: E711 - elementwise on an object array
+                      np.where(found_cases == None, not_searched, found_cases))  # noqa: E711
+    searched = wanted & (summary["status"] == "ok")
+    return [str(v) for v in column], np.asarray(searched, dtype=bool), summary
+
+
+def decide_frame(policy: Policy, frame: pd.DataFrame, scores: np.ndarray, pinned: PinnedModel,
+                 similar_cases: Sequence[str], searched: Sequence[bool] | np.ndarray, run_id: str,
+                 decided_at: datetime | pd.Timestamp) -> pd.DataFrame:
+    """
+    The policy's decisions on ``frame`` as audit rows (the columns of ``gold/decisions`` before escalation,
+    plus ``band``): exactly what the batch run's ``decide`` node writes, and what the online gateway returns.
+
+    :param policy: the loaded policy (its name and version go into every row; the decision id is
+        :func:`~decisionflow.decisions.audit.decision_id` of ``(event_id, policy.version)``).
+    :param frame: the transactions with their features (the :data:`TRANSACTION_COLUMNS` used: ``event_id``,
+        ``account_id``, ``merchant_id``, ``event_time``, ``amount``; plus ``pinned.feature_columns``).
+    :param scores: the model's score of each row.
+    :param pinned: the model version that scored them (name, version, run, feature columns, thresholds).
+    :param similar_cases: per row, the ``similar_cases`` JSON from :func:`retrieve_similar`.
+    :param searched: per row, whether the search was made (only then the similar-case rule applies).
+    :param run_id: the audit's ``run_id`` (the Airflow run; ``"online"`` for the gateway).
+    :param decided_at: when (UTC), the same for every row.
+    :return: one row per transaction, in ``frame``'s order: ``decision_id, event_id, account_id, merchant_id,
+        event_time, decided_at, run_id, decision, band, reason_codes, score, model_name, model_version,
+        model_run_id, features, similar_cases, policy_name, policy_version, escalated, rationale, actions``.
+        ``brain`` and ``escalation`` are not set here (the escalation step sets them).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from decisionflow.decisions.audit import decision_ids
+
+    scores = np.asarray(scores, dtype="float64")
+    similar_cases = list(similar_cases)
+    searched = np.asarray(searched, dtype=bool)
+    if not (len(scores) == len(similar_cases) == len(searched) == len(frame)):
+        raise ValueError(f"decide_frame: {len(frame)} transactions but {len(scores)} scores, "
+                         f"{len(similar_cases)} similar_cases and {len(searched)} searched flags")
+    similar_lists = [json.loads(s) if was_searched else None for s, was_searched in zip(similar_cases, searched)]
+    result = policy.decide(frame, scores, pinned.thresholds(), similar=similar_lists)
+    stamp = pd.Timestamp(decided_at)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    policy_version = policy.version
+    return pd.DataFrame({
+        "decision_id": decision_ids(frame["event_id"], policy_version),
+        "event_id": frame["event_id"],
+        "account_id": frame["account_id"],
+        "merchant_id": frame["merchant_id"],
+        "event_time": frame["event_time"],
+        "decided_at": stamp,
+        "run_id": run_id,
+        "decision": result.decision,
+        "band": result.band,
+        "reason_codes": result.reason_codes,
+        "score": scores,
+        "model_name": pinned.name,
+        "model_version": pinned.version,
+        "model_run_id": pinned.run_id,
+        "features": feature_columns_json(frame, list(dict.fromkeys([*pinned.feature_columns, "amount"]))),
+        "similar_cases": pd.Series(similar_cases, index=frame.index, dtype=object),
+        "policy_name": policy.name,
+        "policy_version": policy_version,
+        "escalated": np.asarray(result.escalated, dtype=bool),
+        "rationale": result.rationale,
+        "actions": result.actions,
+    })
+
+
 # -- the nodes -----------------------------------------------------------------------------------------------
 def load_undecided(ctx: DecisionContext) -> tuple[pd.DataFrame, int]:
     """Gold transactions without a decision (any policy version), oldest first, and gold's Delta version."""
@@ -469,69 +586,20 @@ def build_graph(ctx: DecisionContext):
         frame = _read(state["batch_path"])
         scores = _read(state["scores_path"])["score"].to_numpy()
         thresholds = PinnedModel(**{**state["model"], "feature_columns": ()}).thresholds()
-        wanted = (ctx.policy.needs_similar_cases(frame, scores, thresholds) if len(frame)
-                  else np.zeros(0, dtype=bool))
-        similar = np.full(len(frame), None, dtype=object)
-        summary: dict[str, Any] = {"wanted": int(wanted.sum()), "searched": 0, "status": "ok"}
-        if wanted.any():
-            if ctx.similar is None:
-                summary.update(status="unavailable", reason="no vector store configured (milvus_default)")
-            else:
-                try:
-                    found = ctx.similar.search(frame.loc[wanted], ctx.similar_k)
-                except Exception as exc:  # noqa: BLE001 - degrade, never silently: the audit and the log say so
-                    summary.update(status="unavailable", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
-                    log.warning("[milvus] similar-case search failed for run %s: %s -- remedy: check that the "
-                                "Milvus server of milvus_default is up and run sync_case_embeddings; deciding "
-                                "without the similar-case rule", ctx.run_id, summary["reason"])
-                else:
-                    similar[np.flatnonzero(wanted)] = [json.dumps(cases) for cases in found]
-                    summary["searched"] = int(wanted.sum())
-                    summary["mode"] = getattr(ctx.similar, "last_mode", None)
-        not_searched = json.dumps({"searched": False, "reason": "not needed by the policy"})
-        unavailable = json.dumps({"searched": False, "reason": f"unavailable: {summary.get('reason', '')}"})
-        column = np.where(wanted & (similar == None), unavailable,  # noqa: E711 - elementwise on an object array
-                          np.where(similar == None, not_searched, similar))  # noqa: E711
-        out = pd.DataFrame({"event_id": frame["event_id"], "similar_cases": column.astype(object),
-                            "similar_searched": wanted & (summary["status"] == "ok")})
+        similar_cases, searched, summary = retrieve_similar(ctx.similar, ctx.policy, frame, scores, thresholds,
+                                                            ctx.similar_k, run_id=ctx.run_id)
+        out = pd.DataFrame({"event_id": frame["event_id"], "similar_cases": pd.Series(similar_cases, dtype=object),
+                            "similar_searched": searched})
         return {"similar_path": _write(out, work / "similar.parquet"), "similar_summary": summary}
 
     def decide(state: DecisionState) -> dict:
-        from decisionflow.decisions.audit import decision_ids
-
         frame = _read(state["batch_path"])
         scores = _read(state["scores_path"])["score"].to_numpy()
         similar_frame = _read(state["similar_path"])
-        pinned = state["model"]
-        thresholds = PinnedModel(**{**pinned, "feature_columns": ()}).thresholds()
-        similar_lists = [json.loads(s) if searched else None
-                         for s, searched in zip(similar_frame["similar_cases"], similar_frame["similar_searched"])]
-        result = ctx.policy.decide(frame, scores, thresholds, similar=similar_lists)
-        decided_at = pd.Timestamp(datetime.now(timezone.utc))
-        policy_version = ctx.policy.version
-        out = pd.DataFrame({
-            "decision_id": decision_ids(frame["event_id"], policy_version),
-            "event_id": frame["event_id"],
-            "account_id": frame["account_id"],
-            "merchant_id": frame["merchant_id"],
-            "event_time": frame["event_time"],
-            "decided_at": decided_at,
-            "run_id": ctx.run_id,
-            "decision": result.decision,
-            "band": result.band,
-            "reason_codes": result.reason_codes,
-            "score": scores,
-            "model_name": pinned["name"],
-            "model_version": pinned["version"],
-            "model_run_id": pinned["run_id"],
-            "features": feature_columns_json(frame, list(dict.fromkeys([*pinned["feature_columns"], "amount"]))),
-            "similar_cases": similar_frame["similar_cases"],
-            "policy_name": ctx.policy.name,
-            "policy_version": policy_version,
-            "escalated": np.asarray(result.escalated, dtype=bool),
-            "rationale": result.rationale,
-            "actions": result.actions,
-        })
+        pinned = PinnedModel(**{**state["model"], "feature_columns": tuple(state["model"]["feature_columns"])})
+        out = decide_frame(ctx.policy, frame, scores, pinned, similar_frame["similar_cases"].tolist(),
+                           similar_frame["similar_searched"].to_numpy(dtype=bool), ctx.run_id,
+                           datetime.now(timezone.utc))
         mix = {k: int(v) for k, v in out["decision"].value_counts().items()}
         return {"decisions_path": _write(out, work / "decisions.parquet"), "mix": mix}
 

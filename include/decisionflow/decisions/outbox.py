@@ -72,6 +72,7 @@ __all__ = [
     "deliver_kafka",
     "deliver_webhook",
     "idempotency_key",
+    "kafka_payloads",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,75 @@ def _iso_utc(values: pd.Series) -> pd.Series:
     return pc.strftime(array, format="%Y-%m-%dT%H:%M:%SZ").to_pandas().set_axis(values.index)
 
 
+#: Audit columns nested as JSON (not as JSON strings) in the Kafka payload.
+_NESTED = ("features", "similar_cases", "escalation")
+
+
+def _payload_frame(decisions: pa.Table | pd.DataFrame, run_id: str | None = None) -> pd.DataFrame:
+    """Audit rows ready for the payload builder: a fresh index, ``run_id`` set and checked, actions as lists and
+    timestamps as ISO-8601 UTC text (vectorised: ``to_json``'s own datetime path is 4x slower)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    frame = decisions.to_pandas() if isinstance(decisions, pa.Table) else pd.DataFrame(decisions)
+    frame = frame.reset_index(drop=True)
+    missing = [c for c in ("decision_id", "event_id", "actions") if c not in frame.columns]
+    if missing:
+        raise OutboxError(f"[outbox] {SPEC.name}: enqueue needs the audit rows; columns {missing} are missing "
+                          "-- remedy: pass the frame written by audit.write_decisions")
+    if run_id is not None:
+        frame["run_id"] = run_id
+    if "run_id" not in frame.columns or frame["run_id"].isna().any() or (frame["run_id"] == "").any():
+        raise OutboxError(f"[outbox] {SPEC.name}: rows without a run_id -- remedy: pass run_id to enqueue")
+    frame["actions"] = [list(a) if a is not None else [] for a in frame["actions"]]
+    for name in frame.columns:
+        if pd.api.types.is_datetime64_any_dtype(frame[name]):
+            frame[name] = _iso_utc(frame[name])
+    return frame
+
+
+def _kafka_columns(frame: pd.DataFrame) -> list[str]:
+    """The audit columns of ``frame`` that go into the Kafka payload as plain JSON values (in table order)."""
+    from decisionflow.decisions.audit import AUDIT_COLUMNS
+
+    return [name for name, _ in AUDIT_COLUMNS if name in frame.columns and name not in _NESTED]
+
+
+def _payloads(rows: pd.DataFrame, columns: list[str], channel: str) -> list[str]:
+    """One JSON object per row: ``columns``, the ``idempotency_key`` and - for Kafka - the nested JSON columns."""
+    if rows.empty:
+        return []
+    text = rows[columns].to_json(orient="records", lines=True, double_precision=15)
+    lines = text.rstrip("\n").split("\n")
+    keys = [json.dumps(idempotency_key(d, channel)) for d in rows["decision_id"]]
+    extra = [[f'"idempotency_key":{k}' for k in keys]]
+    nested = [c for c in _NESTED if c in rows.columns] if channel == KAFKA else []
+    for name in nested:
+        null = rows[name].isna().to_numpy()
+        values = rows[name].astype(str)
+        # already JSON (validated objects/lists): nest it; anything else stays a JSON string
+        is_json = values.str.match(r"^\s*[\[{]").to_numpy()
+        extra.append([f'"{name}":null' if none else f'"{name}":{v}' if ok else f'"{name}":{json.dumps(v)}'
+                      for v, ok, none in zip(values, is_json, null)])
+    return [line[:-1] + "," + ",".join(parts) + "}" for line, *parts in zip(lines, *extra)]
+
+
+def kafka_payloads(frame: pa.Table | pd.DataFrame, run_id: str | None = None) -> list[str]:
+    """
+    The ``decisions``-topic record value of each audit row: the full audit record as JSON (``features``,
+    ``similar_cases`` and ``escalation`` nested as JSON, timestamps ISO-8601 UTC, plus ``idempotency_key``),
+    exactly what :meth:`Outbox.enqueue` stores as the ``kafka`` payload and :func:`deliver_kafka` sends.
+    Columns that are not audit columns (``band``) are left out. The online gateway publishes these too.
+
+    :param frame: audit rows (:func:`decisionflow.decisions.graph.decide_frame`'s output, or read back).
+    :param run_id: set every row's ``run_id`` (default: each row's own; it must be filled).
+    :return: one JSON text per row, in ``frame``'s order.
+    :raises OutboxError: ``decision_id``, ``event_id``, ``actions`` or ``run_id`` missing.
+    """
+    prepared = _payload_frame(frame, run_id)
+    return _payloads(prepared, _kafka_columns(prepared), KAFKA)
+
+
 def _helper_types() -> dict[str, Any]:
     """Arrow types of MERGE source columns that are not table columns."""
     import pyarrow as pa
@@ -195,48 +265,13 @@ class Outbox:
     def _rows_for(self, decisions: pa.Table | pd.DataFrame, run_id: str | None) -> pa.Table:
         """Outbox rows of audit rows, payloads built column-wise (pandas ``to_json``; no per-row Python dicts)."""
         import numpy as np
-        import pandas as pd
         import pyarrow as pa
 
-        frame = decisions.to_pandas() if isinstance(decisions, pa.Table) else pd.DataFrame(decisions)
-        frame = frame.reset_index(drop=True)
-        missing = [c for c in ("decision_id", "event_id", "actions") if c not in frame.columns]
-        if missing:
-            raise OutboxError(f"[outbox] {SPEC.name}: enqueue needs the audit rows; columns {missing} are missing "
-                              "-- remedy: pass the frame written by audit.write_decisions")
-        if run_id is not None:
-            frame["run_id"] = run_id
-        if "run_id" not in frame.columns or frame["run_id"].isna().any() or (frame["run_id"] == "").any():
-            raise OutboxError(f"[outbox] {SPEC.name}: rows without a run_id -- remedy: pass run_id to enqueue")
-        frame["actions"] = [list(a) if a is not None else [] for a in frame["actions"]]
-        for name in frame.columns:  # ISO-8601 UTC text, vectorised: to_json's own datetime path is 4x slower
-            if pd.api.types.is_datetime64_any_dtype(frame[name]):
-                frame[name] = _iso_utc(frame[name])
-        from decisionflow.decisions.audit import AUDIT_COLUMNS
-
-        nested = [c for c in ("features", "similar_cases", "escalation") if c in frame.columns]
-        plain = [name for name, _ in AUDIT_COLUMNS if name in frame.columns and name not in nested]
-
-        def payloads(rows: pd.DataFrame, columns: list[str], channel: str) -> list[str]:
-            if rows.empty:
-                return []
-            text = rows[columns].to_json(orient="records", lines=True, double_precision=15)
-            lines = text.rstrip("\n").split("\n")
-            keys = [json.dumps(idempotency_key(d, channel)) for d in rows["decision_id"]]
-            extra = [[f'"idempotency_key":{k}' for k in keys]]
-            for name in nested if channel == KAFKA else ():
-                null = rows[name].isna().to_numpy()
-                values = rows[name].astype(str)
-                # already JSON (validated objects/lists): nest it; anything else stays a JSON string
-                is_json = values.str.match(r"^\s*[\[{]").to_numpy()
-                extra.append([f'"{name}":null' if none else f'"{name}":{v}' if ok else f'"{name}":{json.dumps(v)}'
-                              for v, ok, none in zip(values, is_json, null)])
-            return [line[:-1] + "," + ",".join(parts) + "}" for line, *parts in zip(lines, *extra)]
-
-        kafka = payloads(frame, plain, KAFKA)
+        frame = _payload_frame(decisions, run_id)
+        kafka = _payloads(frame, _kafka_columns(frame), KAFKA)
         with_actions = frame[np.array([len(a) > 0 for a in frame["actions"]], dtype=bool)]
         hook_columns = [c for c in (*_WEBHOOK_FIELDS, "actions") if c in frame.columns]
-        webhook = payloads(with_actions, hook_columns, WEBHOOK)
+        webhook = _payloads(with_actions, hook_columns, WEBHOOK)
         ids = frame["decision_id"].tolist() + with_actions["decision_id"].tolist()
         channels = [KAFKA] * len(frame) + [WEBHOOK] * len(with_actions)
         n = len(ids)
