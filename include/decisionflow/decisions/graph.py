@@ -103,11 +103,16 @@ def _is_missing(exc: Exception) -> bool:
 
 
 class MlflowModelSource:
-    """The champion of the MLflow registry: version, training run, feature columns and the run's thresholds."""
+    """The champion of the MLflow registry: version, training run, feature columns and the run's thresholds.
+
+    ``version`` pins an exact registered version instead of the one behind ``alias`` (the serving gateway loads
+    the version it is told to serve).
+    """
 
     def __init__(self, tracking_uri: str, model_name: str = constants.MODEL_NAME,
-                 alias: str = constants.CHAMPION_ALIAS):
+                 alias: str = constants.CHAMPION_ALIAS, version: str | int | None = None):
         self.tracking_uri, self.model_name, self.alias = tracking_uri, model_name, alias
+        self.version = None if version is None else str(version)
 
     def _client(self):
         from mlflow import MlflowClient
@@ -118,11 +123,13 @@ class MlflowModelSource:
         from decisionflow.models.tracking import MODEL, read_thresholds, run_feature_columns
 
         client = self._client()
+        wanted = f"version {self.version}" if self.version is not None else f"'{self.alias}' version"
         try:
-            mv = client.get_model_version_by_alias(self.model_name, self.alias)
+            mv = (client.get_model_version(self.model_name, self.version) if self.version is not None
+                  else client.get_model_version_by_alias(self.model_name, self.alias))
         except Exception as exc:  # noqa: BLE001 - MlflowException for a missing model or alias, or no server
             raise DecisionRunError(
-                "models", f"no '{self.alias}' version of {self.model_name} in the MLflow registry at "
+                "models", f"no {wanted} of {self.model_name} in the MLflow registry at "
                 f"{self.tracking_uri} ({type(exc).__name__}: {str(exc)[:200]})",
                 "run the train_risk_model DAG until a model is promoted (or check mlflow_default)",
                 not_ready=_is_missing(exc)) from exc
