@@ -1,4 +1,5 @@
-"""Decision operators: run the decision graph over undecided transactions; score the decisions against labels."""
+"""Decision operators: import the online decisions, run the decision graph over undecided transactions; score the
+decisions against labels."""
 
 from __future__ import annotations
 
@@ -189,6 +190,63 @@ class DecisionRunOperator(BaseOperator):
             context["outlet_events"][self.decisions_asset].extra = {
                 k: summary[k] for k in ("run_id", "transactions", "mix", "model", "policy", "gold_version")}
         return summary
+
+
+class ImportOnlineDecisionsOperator(BaseOperator):
+    """
+    Bring the decisions the online gateway made (``POST /v1/decisions``, published to the ``decisions`` topic
+    with the header ``origin: online``) into the audit trail ``gold/decisions``, exactly once
+    (:func:`decisionflow.decisions.online_import.import_online_decisions`).
+
+    Reads the topic from the offsets stored in the Delta commit of ``gold/decisions`` itself and commits the new
+    rows and the new offsets in one Delta commit, so a killed or retried task neither loses nor duplicates a
+    decision. A decision id already in the table (decided by a batch run, imported before, or re-sent) stays one
+    row; the ``review`` decisions go to the review queue (``review_decisions`` raises their HITL tasks); a
+    malformed record goes to ``quarantine/online_decisions`` with its topic/partition/offset and the reason (the
+    task logs it and goes on: one bad record never blocks the decision run). Run it before the batch decides:
+    its anti-join then never decides again a transaction decided online.
+
+    :param lake_conn_id: ``delta_lake`` connection whose root holds ``gold/decisions`` and the review queue.
+    :param kafka_conn_id: Kafka connection the ``decisions`` topic is read through (the connection's librdkafka
+        settings; the import uses a throwaway group id and commits nothing to Kafka).
+    :param topic: the topic the gateway publishes to (created with :data:`DECISIONS_TOPIC_PARTITIONS`
+        partitions when missing, like the outbox does).
+    :param max_records: records read per chunk; each chunk is one Delta commit (bounds memory and what a
+        killed task re-reads).
+    :param read_timeout: seconds for broker calls and for reading up to the end offsets taken at the start;
+        what was read by then is committed and the rest waits for the next run.
+    """
+
+    template_fields = ("topic",)
+
+    def __init__(self, *, lake_conn_id: str = "lake_default", kafka_conn_id: str = "kafka_default",
+                 topic: str = constants.DECISIONS_TOPIC, max_records: int = 100_000, read_timeout: float = 120.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lake_conn_id = lake_conn_id
+        self.kafka_conn_id = kafka_conn_id
+        self.topic = topic
+        self.max_records = max_records
+        self.read_timeout = read_timeout
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from decisionflow.decisions.online_import import import_online_decisions
+        from decisionflow.hooks.kafka import KafkaHook
+        from decisionflow.hooks.lake import LakeHook
+
+        lake = LakeHook(self.lake_conn_id)
+        hook = KafkaHook(kafka_config_id=self.kafka_conn_id)
+        report = import_online_decisions(
+            lake.root, dict(hook.config), self.topic, storage_options=lake.storage_options or None,
+            ensure_topic=lambda topic: hook.ensure_topic(topic, DECISIONS_TOPIC_PARTITIONS),
+            max_records=self.max_records, timeout=self.read_timeout)
+        if report.quarantined:
+            self.log.warning("%d malformed online decision record(s) quarantined to quarantine/online_decisions: "
+                             "%s -- remedy: fix the publisher (the gateway), then replay them from the quarantine",
+                             report.quarantined, report.errors[:5])
+        self.log.info("online decisions: %d imported, %d already recorded, %d queued for review (%d records read)",
+                      report.imported, report.already_recorded, report.review_queued, report.read)
+        return report.as_dict()
 
 
 class EvaluateDecisionsOperator(BaseOperator):
