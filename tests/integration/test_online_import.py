@@ -284,3 +284,43 @@ def test_offsets_fence_a_concurrent_import(setup):
     with pytest.raises(OnlineImportError, match="another import committed first"):
         import_online_decisions(lake, setup["config"], topic, on_stage=sneak_in)
     assert len(_rows(lake)) == 0
+
+
+def test_read_committed_an_open_transaction_waits_and_an_aborted_one_never_counts(setup):
+    """A publisher's open transaction at the tail: the import stops before it (complete) and takes its record once
+    it commits; a record of an aborted transaction is never imported."""
+    from confluent_kafka import Producer
+
+    lake, topic, policy = setup["lake"], setup["topic"], setup["policy"]
+    online = online_decisions(transactions(9), policy)
+    payloads = kafka_payloads(online)
+    ids = online["decision_id"].tolist()
+    producer = Producer({"bootstrap.servers": setup["bootstrap"], "transactional.id": f"t-{uuid.uuid4().hex}"})
+    producer.init_transactions(30)
+
+    def send(rows: range) -> None:
+        for i in rows:
+            producer.produce(topic, key=ids[i].encode(), value=payloads[i].encode(), headers=[("origin", b"online")],
+                             partition=0)
+
+    producer.begin_transaction()
+    send(range(0, 3))
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    send(range(3, 5))
+    producer.abort_transaction(30)
+    producer.begin_transaction()
+    send(range(5, 7))
+    producer.flush(30)  # open: not committed yet
+
+    first = import_online_decisions(lake, setup["config"], topic, timeout=20)
+    assert first.complete and first.imported == 3
+    assert set(_rows(lake)["decision_id"]) == set(ids[:3])
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    send(range(7, 9))
+    producer.commit_transaction(30)
+    second = import_online_decisions(lake, setup["config"], topic, timeout=20)
+    assert second.imported == 4
+    assert set(_rows(lake)["decision_id"]) == set(ids[:3] + ids[5:])
+    assert import_online_decisions(lake, setup["config"], topic, timeout=20).read == 0

@@ -277,3 +277,20 @@ def test_operator_wires_the_connections(monkeypatch, tmp_path):
     assert calls["topic"] == "decisions-x" and calls["config"]["bootstrap.servers"] == "127.0.0.1:1"
     assert calls["max_records"] == 50 and calls["timeout"] == 5 and str(tmp_path) in calls["lake_root"]
     assert ensured == [("decisions-x", DECISIONS_TOPIC_PARTITIONS)]
+
+
+def test_operator_fails_when_the_topic_was_not_read_to_its_end(monkeypatch, tmp_path):
+    from decisionflow.decisions import online_import
+    from decisionflow.decisions.online_import import OnlineImportError, OnlineImportReport
+    from decisionflow.hooks.kafka import KafkaHook
+    from decisionflow.operators.decisions import ImportOnlineDecisionsOperator
+
+    monkeypatch.setenv("AIRFLOW_CONN_LAKE_DEFAULT", json.dumps({"conn_type": "delta_lake",
+                                                                "extra": {"root": str(tmp_path)}}))
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", json.dumps({
+        "conn_type": "kafka", "extra": {"bootstrap.servers": "127.0.0.1:1"}}))
+    monkeypatch.setattr(KafkaHook, "ensure_topic", lambda self, name, partitions: None)
+    monkeypatch.setattr(online_import, "import_online_decisions", lambda *a, **k: OnlineImportReport(
+        topic="decisions", read=10, imported=4, complete=False, errors=["no progress for 120s"]))
+    with pytest.raises(OnlineImportError, match="must not decide yet"):
+        ImportOnlineDecisionsOperator(task_id="import_online").execute({})

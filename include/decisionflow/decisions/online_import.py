@@ -352,8 +352,9 @@ def import_online_decisions(lake_root: str, consumer_config: Mapping[str, Any],
     :param ensure_topic: called with ``topic`` first (``KafkaHook.ensure_topic``); without it a missing topic
         means nothing to import (reported as ``topic_missing``).
     :param max_records: records read per chunk; each chunk is one Delta commit (bounds memory and re-reads).
-    :param timeout: seconds for broker calls and for reading to the end offsets taken at the start; what was read
-        by then is committed and the rest waits for the next import (``complete`` False).
+    :param timeout: seconds for broker calls, and the longest wait without any progress towards the end offsets
+        taken at the start; then what was read is committed, the rest waits for the next import (``complete``
+        False: the caller must not decide in batch yet, see the operator).
     :param on_stage: called with ``"read"``, ``"quarantined"``, ``"queued"`` and ``"committed"`` during each chunk
         (tests kill or fail the import exactly there).
     :raises OnlineImportError: the broker is unreachable, or another import committed meanwhile.
@@ -414,6 +415,12 @@ def import_online_decisions(lake_root: str, consumer_config: Mapping[str, Any],
         position = dict(start)
         committed = dict(stored)  # what the table says now (the fence of the next commit)
         remaining = set(todo)
+
+        def done(partition: int) -> None:  # at its end: stop fetching what was written since the start
+            if partition in remaining:
+                remaining.discard(partition)
+                consumer.pause([TopicPartition(topic, partition)])
+
         deadline = time.monotonic() + timeout
         while remaining:
             # -- 1. read one chunk
@@ -422,7 +429,7 @@ def import_online_decisions(lake_root: str, consumer_config: Mapping[str, Any],
             while remaining and read < max_records:
                 if time.monotonic() > deadline:
                     report.complete = False
-                    report.errors.append(f"end offsets not reached within {timeout:.0f}s on partitions "
+                    report.errors.append(f"no progress for {timeout:.0f}s before the end offsets of partitions "
                                          f"{sorted(remaining)}; the rest waits for the next import")
                     log.warning("[online import] %s: %s", topic, report.errors[-1])
                     remaining.clear()
@@ -433,25 +440,28 @@ def import_online_decisions(lake_root: str, consumer_config: Mapping[str, Any],
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
                             # read_committed: the end is the last stable offset (an open transaction waits)
-                            position[p] = max(position[p], int(msg.offset()))
-                            remaining.discard(p)
+                            if p in remaining:
+                                position[p] = max(position[p], int(msg.offset()))
+                                deadline = time.monotonic() + timeout
+                            done(p)
                             continue
                         raise OnlineImportError(f"[kafka] topic {topic} at {bootstrap}: read failed on partition "
                                                 f"{p}: {err} -- remedy: check the broker, then retry")
                     if p not in remaining:
                         continue
                     read += 1
+                    deadline = time.monotonic() + timeout  # progress
                     position[p] = int(msg.offset()) + 1
                     if _is_online(msg):
                         messages.append(msg)
                     if position[p] >= ends[p]:
-                        remaining.discard(p)
+                        done(p)
                 if remaining:  # aborted records and transaction markers advance the position without a message
                     for tp in consumer.position([TopicPartition(topic, p) for p in remaining]):
                         if tp.offset >= 0:
                             position[tp.partition] = max(position[tp.partition], int(tp.offset))
                             if tp.offset >= ends[tp.partition]:
-                                remaining.discard(tp.partition)
+                                done(tp.partition)
             report.chunks += 1
             report.read += read
             report.online += len(messages)

@@ -213,8 +213,9 @@ class ImportOnlineDecisionsOperator(BaseOperator):
         partitions when missing, like the outbox does).
     :param max_records: records read per chunk; each chunk is one Delta commit (bounds memory and what a
         killed task re-reads).
-    :param read_timeout: seconds for broker calls and for reading up to the end offsets taken at the start;
-        what was read by then is committed and the rest waits for the next run.
+    :param read_timeout: seconds for broker calls, and the longest wait without progress towards the end offsets
+        taken at the start; then what was read is committed and the task fails (the downstream ``decide`` must
+        not run on an incomplete import), its retry going on from the committed offsets.
     """
 
     template_fields = ("topic",)
@@ -246,6 +247,14 @@ class ImportOnlineDecisionsOperator(BaseOperator):
                              report.quarantined, report.errors[:5])
         self.log.info("online decisions: %d imported, %d already recorded, %d queued for review (%d records read)",
                       report.imported, report.already_recorded, report.review_queued, report.read)
+        if not report.complete:
+            from decisionflow.decisions.online_import import OnlineImportError
+
+            raise OnlineImportError(
+                f"[online import] topic {self.topic} was not read to its end ({'; '.join(report.errors[:3])}); what "
+                f"was read is committed ({report.imported} imported), but the batch run must not decide yet: it could "
+                "decide again a transaction decided online -- remedy: check the broker (kafka_default); the retry "
+                "goes on from the committed offsets")
         return report.as_dict()
 
 
