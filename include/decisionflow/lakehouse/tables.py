@@ -60,7 +60,7 @@ __all__ = [
 PROPERTY_TABLE = "decisionflow.table"
 PROPERTY_SCHEMA_VERSION = "decisionflow.schema_version"
 PROPERTY_MIGRATION_PREFIX = "decisionflow.migration."
-LAYERS = ("silver", "quarantine", "gold")
+LAYERS = ("silver", "quarantine", "gold", "serving")
 CHECKPOINT_ROOT = "_checkpoints"
 REPORT_ROOT = "_reports"
 
