@@ -10,6 +10,8 @@ _INTEGRATIONS = {
     "Apache Spark + Delta Lake": (["decisionflow.hooks.lake"], ["decisionflow.operators.spark"], [], []),
     "MLflow": (["decisionflow.hooks.mlflow"], ["decisionflow.operators.mlflow"], [], []),
     "Ray": (["decisionflow.hooks.ray"], [], [], []),
+    "Ray Serve": (["decisionflow.hooks.ray_serve"], ["decisionflow.operators.serving"], [],
+                  ["decisionflow.triggers.canary"]),
     "Milvus": (["decisionflow.hooks.milvus"], ["decisionflow.operators.vectors"], [], []),
     "Feast": (["decisionflow.hooks.feast"], ["decisionflow.operators.feast"], [], []),
     "LangChain": (["decisionflow.hooks.llm"], [], [], []),
