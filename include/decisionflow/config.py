@@ -33,6 +33,7 @@ _DEFAULT_PORTS = {
     "ray_dashboard_agent_grpc": 52366,
     "ray_runtime_env_agent": 52367,
     "ray_metrics_export": 52368,
+    "serve": 8000,  # Ray Serve's HTTP proxy: the decisionflow gateway application
     "webhook": 8090,  # the local actions-webhook receiver (tests, the demo)
 }
 

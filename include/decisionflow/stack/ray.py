@@ -17,8 +17,9 @@ class RayService(Service):
     # On a busy machine the raylet can give up waiting for its dashboard agent and abort the start.
     start_attempts = 3
 
+    # "serve": Ray Serve's HTTP proxy, opened by this head's Serve once an application is deployed.
     _PORTS = ("ray", "ray_dashboard", "ray_client", "ray_dashboard_agent", "ray_dashboard_agent_grpc",
-              "ray_runtime_env_agent", "ray_metrics_export")
+              "ray_runtime_env_agent", "ray_metrics_export", "serve")
 
     @property
     def token_path(self) -> Path:
@@ -54,6 +55,11 @@ class RayService(Service):
             self.token_path.parent.mkdir(parents=True, exist_ok=True)
             self.token_path.write_text(secrets.token_hex(32))
             self.token_path.chmod(0o600)
+        # The gateway served on this head answers /v1/* only with an API token: the first one is created here
+        # (once; hashed in <data>/serving/api_tokens.json, plain in <data>/serving/api_token, mode 0600).
+        from decisionflow_serving.auth import ensure_first_token
+
+        ensure_first_token(self.ctx.data)
 
     def command(self) -> list[str]:
         return [
