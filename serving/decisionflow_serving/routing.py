@@ -4,8 +4,11 @@ Ray Serve 2.x has no traffic splitting, so the gateway does it: :class:`RoutedBa
 :class:`~decisionflow_serving.backends.ScoringBackend` over two handles (Ray Serve ``DeploymentHandle`` objects in
 production, anything with ``.score.remote(rows)`` awaitable in tests).
 
-* **Per request, one version.** A request goes to the canary with probability ``canary_weight / 100``, else to
-  stable; all its rows are scored by that one version.
+* **Per request, one version.** ``canary_weight`` percent of the requests go to the canary, the rest to stable;
+  all rows of a request are scored by that one version. The choice is a smooth weighted interleaving (a credit
+  grows by the weight per request; at 100 the request goes to the canary and the credit drops by 100), so the
+  canary's share equals its weight to within one request at any traffic volume - a random draw would wander by
+  several points over a short analysis window. Shadow mirroring uses the same scheme for ``shadow_share``.
 * **Canary faults never reach the client.** A canary call that raises or takes longer than
   ``canary_timeout_s`` is answered by stable; it is counted against the canary
   (``decisionflow_model_requests_total{role="canary",outcome="error"}`` and
@@ -151,14 +154,16 @@ class RoutedBackend:
     :param stable: handle of the stable model deployment (``await stable.score.remote(rows)`` -> ``Scored``).
     :param canary: handle of the canary model deployment.
     :param routing: the initial :class:`RoutingConfig` (or its dict form).
-    :param rng: random source for the per-request draw (seedable in tests).
+    :param rng: random source of the initial credits (each gateway replica starts at a different phase).
     """
 
     def __init__(self, stable: Any, canary: Any, routing: RoutingConfig | Mapping[str, Any] | None = None,
                  *, rng: random.Random | None = None) -> None:
         self._stable = stable
         self._canary = canary
-        self._rng = rng or random.Random()
+        rng = rng or random.Random()
+        self._canary_credit = rng.random() * 100
+        self._shadow_credit = rng.random()
         self._routing = RoutingConfig()
         self._stable_ready = False
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -205,15 +210,37 @@ class RoutedBackend:
     async def score(self, rows: list[dict[str, Any]]) -> Scored:
         """Score ``rows`` with one version: the canary with probability ``canary_weight/100``, else stable."""
         routing = self._routing
-        if routing.canary_weight > 0 and self._rng.random() * 100 < routing.canary_weight:
+        if self._pick_canary(routing):
             scored = await self._call_canary(rows, routing, CANARY)
             if scored is not None:
                 return scored
             FALLBACKS.labels(model_version=routing.canary_version or UNKNOWN_VERSION).inc()
         scored = await self._call_stable(rows)
-        if routing.shadow and routing.canary_version is not None and self._rng.random() < routing.shadow_share:
+        if routing.shadow and routing.canary_version is not None and self._pick_shadow(routing):
             self._mirror(rows, scored, routing)
         return scored
+
+    def _pick_canary(self, routing: RoutingConfig) -> bool:
+        weight = float(routing.canary_weight)
+        if weight <= 0:
+            return False
+        if weight >= 100:
+            return True
+        self._canary_credit += weight
+        if self._canary_credit >= 100:
+            self._canary_credit -= 100
+            return True
+        return False
+
+    def _pick_shadow(self, routing: RoutingConfig) -> bool:
+        share = float(routing.shadow_share)
+        if share >= 1:
+            return True
+        self._shadow_credit += share
+        if self._shadow_credit >= 1:
+            self._shadow_credit -= 1
+            return True
+        return False
 
     # -- calls ------------------------------------------------------------------------------------------------
     async def _call_stable(self, rows: list[dict[str, Any]]) -> Scored:
