@@ -255,6 +255,23 @@ def _band(score: float, review: float, decline: float) -> str:
     return "decline" if score >= decline else "review" if score >= review else "approve"
 
 
+#: Event times the gateway decides: the range of the lake's timestamps (pandas nanoseconds), 1970 on.
+_EARLIEST, _LATEST = datetime(1970, 1, 1, tzinfo=timezone.utc), datetime(2262, 4, 11, tzinfo=timezone.utc)
+
+
+def _event_time_problem(value: str) -> str | None:
+    from decisionflow_serving.features import parse_event_time
+
+    try:
+        moment = parse_event_time(value)
+    except (ValueError, OverflowError) as exc:
+        return f"{value!r} is not a valid date-time ({exc})"
+    if not _EARLIEST <= moment < _LATEST:
+        return (f"{value!r} is outside the range the gateway decides ({_EARLIEST:%Y-%m-%d} to "
+                f"{_LATEST:%Y-%m-%d})")
+    return None
+
+
 def _field_path(loc: Sequence[Any]) -> str:
     parts = [p for p in loc if p != "body"]
     out = ""
@@ -345,9 +362,14 @@ def create_app(settings: GatewaySettings, backend: ScoringBackend, *, decider: A
     def check_contract(records: list[dict[str, Any]], prefix: tuple) -> None:
         errors = []
         for i, record in enumerate(records):
-            for name, message in contract_violations(record):
-                loc = ("body", *prefix, *((i,) if prefix else ()), name)
-                errors.append({"type": "contract", "loc": loc, "msg": message})
+            where = ("body", *prefix, *((i,) if prefix else ()))
+            violations = contract_violations(record)
+            for name, message in violations:
+                errors.append({"type": "contract", "loc": (*where, name), "msg": message})
+            if not violations:
+                problem = _event_time_problem(record["event_time"])
+                if problem:
+                    errors.append({"type": "value_error", "loc": (*where, "event_time"), "msg": problem})
         if errors:
             raise RequestValidationError(errors)
 

@@ -52,7 +52,9 @@ def score_rows(loaded: LoadedModel, rows: list[dict[str, Any]]) -> Scored:
 
     pinned = loaded.pinned
     columns = list(pinned.feature_columns)
-    frame = pd.DataFrame.from_records([{c: row.get(c) for c in columns} for row in rows], columns=columns)
+    # float64 with None -> NaN, as gold's columns reach the batch run (a feature missing online is None)
+    frame = pd.DataFrame.from_records([{c: row.get(c) for c in columns} for row in rows], columns=columns,
+                                      coerce_float=True).astype("float64")
     scores = np.asarray(loaded.predict(frame), dtype="float64") if rows else np.zeros(0)
     return Scored(scores=[float(s) for s in scores], model_name=pinned.name, model_version=pinned.version,
                   review=pinned.review, decline=pinned.decline, run_id=pinned.run_id,
