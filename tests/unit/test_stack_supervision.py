@@ -109,3 +109,20 @@ def test_stale_pid_file_is_not_trusted(ctx):
     finally:
         other.kill()
         other.wait()
+
+
+def test_down_stops_every_service_once_in_dependency_tiers(ctx):
+    """Every service is in exactly one stop tier; PostgreSQL (used by MLflow and Airflow) stops last, the
+    api-server after the Airflow components that talk to it."""
+    from decisionflow.stack import Stack
+
+    stack = Stack(ctx, log=lambda *_: None)
+    tiers = stack.stop_tiers()
+    flat = [s for tier in tiers for s in tier]
+    assert sorted(s.name for s in flat) == sorted(s.name for s in stack.services)
+    assert tiers[-1] == [stack.postgres]
+    position = {s.name: i for i, tier in enumerate(tiers) for s in tier}
+    assert position["airflow-api-server"] > max(position[n] for n in
+                                                ("airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"))
+    assert all(position[s.name] < position["postgres"] for s in flat if s is not stack.postgres)
+    assert stack.down() == []  # nothing started: nothing stopped
