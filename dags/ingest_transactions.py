@@ -6,10 +6,12 @@ Started by the `kafka_events` asset, whose watcher fires while the source topics
 nothing waits forever.
 
 1. `ensure_topics` — declares the topics and their `.dlq` dead-letter topics from the event contracts.
-2. `ingest_bronze` — a Spark Structured Streaming job (`trigger(availableNow=True)`): Kafka → `bronze/*` with
+2. `check_backlog` — a watcher or fallback run whose topics hold nothing bronze lacks (the progress markers
+   are at the end offsets) is *skipped* here, without starting Spark; a manual run always goes on.
+3. `ingest_bronze` — a Spark Structured Streaming job (`trigger(availableNow=True)`): Kafka → `bronze/*` with
    raw bytes + topic/partition/offset/timestamp. Offsets live in Spark's checkpoint, committed together with
    the Delta write: a killed run is simply cleared and rerun, with no loss and no duplicates.
-3. `record_progress` — only now, with the data in Delta, moves the "ingested up to" markers the watcher reads,
+4. `record_progress` — only now, with the data in Delta, moves the "ingested up to" markers the watcher reads,
    and announces the `bronze_*` assets (which start `build_lakehouse`) when bronze grew; a run that found
    nothing new ends with this task *skipped*, so nothing is rebuilt for nothing.
 
@@ -26,8 +28,12 @@ from airflow.sdk import DAG, AssetOrTimeSchedule
 from airflow.timetables.trigger import CronTriggerTimetable
 
 import decisionflow.jobs
-from decisionflow.assets import BRONZE, BRONZE_TABLES, KAFKA_EVENTS
-from decisionflow.operators.kafka import KafkaEnsureTopicsOperator, RecordBronzeProgressOperator
+from decisionflow.assets import BRONZE, BRONZE_TABLES, KAFKA_EVENTS, SOURCE_TOPICS
+from decisionflow.operators.kafka import (
+    KafkaBacklogCheckOperator,
+    KafkaEnsureTopicsOperator,
+    RecordBronzeProgressOperator,
+)
 from decisionflow.operators.spark import DeltaSparkSubmitOperator
 
 with DAG(
@@ -46,6 +52,7 @@ with DAG(
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"},
 ) as dag:
     ensure_topics = KafkaEnsureTopicsOperator(task_id="ensure_topics")
+    check_backlog = KafkaBacklogCheckOperator(task_id="check_backlog", topics=SOURCE_TOPICS)
     ingest_bronze = DeltaSparkSubmitOperator(
         task_id="ingest_bronze",
         application=str(Path(decisionflow.jobs.__file__).parent / "ingest_bronze.py"),
@@ -55,4 +62,4 @@ with DAG(
     )
     record_progress = RecordBronzeProgressOperator(task_id="record_progress", tables=BRONZE_TABLES, assets=BRONZE)
 
-    ensure_topics >> ingest_bronze >> record_progress
+    ensure_topics >> check_backlog >> ingest_bronze >> record_progress

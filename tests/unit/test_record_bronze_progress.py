@@ -114,3 +114,54 @@ def test_assets_for_unknown_tables_are_refused():
 def test_assets_become_inlets_and_outlets():
     op = operator()
     assert set(op.inlets) == set(ASSETS.values()) and set(op.outlets) == set(ASSETS.values())
+
+
+# -- KafkaBacklogCheckOperator: an ingestion run without a backlog skips before Spark ------------------------
+@pytest.fixture
+def backlog(monkeypatch):
+    """Fake the marker comparison (the boundary: a broker); returns a setter for the per-partition backlog."""
+    import decisionflow.triggers.kafka as triggers
+
+    state = {"backlog": 0, "calls": []}
+
+    def fake(config, topics, group, timeout=10.0):
+        state["calls"].append((tuple(topics), group))
+        return {f"{t}/0": {"end": 10, "marker": 10 - state["backlog"], "backlog": state["backlog"]} for t in topics}
+
+    monkeypatch.setattr(triggers, "topic_backlog", fake)
+    monkeypatch.setattr(KafkaHook, "config", property(lambda self: {"bootstrap.servers": "127.0.0.1:1"}))
+    return state
+
+
+def check(run_type: str, try_number: int = 1):
+    from decisionflow.operators.kafka import KafkaBacklogCheckOperator
+
+    op = KafkaBacklogCheckOperator(task_id="check_backlog", topics=["transactions", "case-notes"])
+    return op.execute({"dag_run": SimpleNamespace(run_type=run_type), "ti": SimpleNamespace(try_number=try_number)})
+
+
+@pytest.mark.parametrize("run_type", ["scheduled", "asset_triggered"])
+def test_no_backlog_skips_watcher_and_fallback_runs(backlog, run_type):
+    with pytest.raises(AirflowSkipException, match="no backlog on"):
+        check(run_type)
+    assert backlog["calls"] == [(("transactions", "case-notes"), BRONZE_PROGRESS_GROUP)]
+
+
+def test_a_backlog_lets_the_run_go_on(backlog):
+    backlog["backlog"] = 3
+    assert check("asset_triggered")["backlog"] == 6  # two topics, 3 each
+
+
+def test_manual_runs_retries_and_clears_never_skip(backlog):
+    from airflow.utils.types import DagRunType
+
+    assert check(DagRunType.MANUAL)["backlog"] == 0  # the enum as Airflow passes it
+    assert check("manual")["backlog"] == 0
+    assert check("scheduled", try_number=2)["backlog"] == 0
+
+
+def test_backlog_check_needs_topics():
+    from decisionflow.operators.kafka import KafkaBacklogCheckOperator
+
+    with pytest.raises(ValueError, match="topics"):
+        KafkaBacklogCheckOperator(task_id="c", topics=[])

@@ -1,4 +1,4 @@
-"""Kafka operators: declare topics from the event contracts, record ingestion progress markers."""
+"""Kafka operators: declare topics from the event contracts, skip an ingestion with no backlog, record progress."""
 
 from __future__ import annotations
 
@@ -48,6 +48,61 @@ class KafkaEnsureTopicsOperator(BaseOperator):
             self.log.info("topic %s: %s", name, "created" if result.get("created") else "exists")
             results.append(result)
         return results
+
+
+class KafkaBacklogCheckOperator(BaseOperator):
+    """
+    Let an ingestion run go on only when the source topics hold messages that bronze does not; else *skip*
+    (and with it the Spark job and ``record_progress`` downstream: the run ends a success, doing nothing).
+
+    The backlog is what :class:`~decisionflow.triggers.kafka.KafkaBacklogTrigger` watches: each partition's
+    end offset minus the progress marker, which only moves after the data is durably in Delta. A backlog of
+    zero therefore means bronze already holds every message; a marker left behind by a crash shows up as a
+    backlog and the run proceeds. Runs whose type is in ``always_run_types`` (by default manual runs: someone
+    asked for this one) never skip, and neither does a retry or a cleared try of this task.
+
+    :param topics: source topics to compare with the markers.
+    :param progress_group: marker consumer group (default: the one ``RecordBronzeProgressOperator`` commits).
+    :param always_run_types: ``DagRunType`` values (``"manual"``, ``"scheduled"``, ``"asset_triggered"``,
+        ...) of runs that go on even without a backlog.
+    :param kafka_config_id: Airflow connection (type ``kafka``).
+    """
+
+    template_fields: Sequence[str] = ("topics", "progress_group")
+
+    def __init__(
+        self,
+        *,
+        topics: list[str],
+        progress_group: str | None = None,
+        always_run_types: Sequence[str] = ("manual",),
+        kafka_config_id: str = "kafka_default",
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not topics:
+            raise ValueError("topics: give at least one source topic to check for a backlog")
+        self.topics = list(topics)
+        self.progress_group = progress_group
+        self.always_run_types = tuple(always_run_types)
+        self.kafka_config_id = kafka_config_id
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from decisionflow.hooks.kafka import KafkaHook
+        from decisionflow.triggers.kafka import BRONZE_PROGRESS_GROUP, topic_backlog
+
+        partitions = topic_backlog(KafkaHook(kafka_config_id=self.kafka_config_id).config,
+                                   self.topics, self.progress_group or BRONZE_PROGRESS_GROUP)
+        backlog = sum(p["backlog"] for p in partitions.values())
+        self.log.info("backlog of %d message(s) on %s: %s", backlog, self.topics, partitions)
+        run_type = getattr(context.get("dag_run"), "run_type", None)
+        run_type = str(getattr(run_type, "value", run_type) or "")  # DagRunType is a str enum
+        first_try = int(getattr(context.get("ti"), "try_number", 1) or 1) <= 1
+        if backlog == 0 and first_try and run_type not in self.always_run_types:
+            raise AirflowSkipException(f"no backlog on {self.topics}: bronze holds every message, nothing to ingest")
+        return {"backlog": backlog, "partitions": partitions}
 
 
 class RecordBronzeProgressOperator(BaseOperator):
