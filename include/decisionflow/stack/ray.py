@@ -48,6 +48,9 @@ class RayService(Service):
             # Ray rewrites --node-ip-address 127.0.0.1 to the machine's routable IP (and binds there) unless
             # "cluster mode" is off; off means every Ray socket stays on loopback.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            # Serve replicas (the gateway) resolve their default paths (token store, Feast registry, ...) against
+            # this stack's data dir, whatever the environment `make up` ran in.
+            "DECISIONFLOW_DATA": str(self.ctx.data),
         }
 
     def prepare(self) -> None:
