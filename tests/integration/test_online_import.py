@@ -324,3 +324,24 @@ def test_read_committed_an_open_transaction_waits_and_an_aborted_one_never_count
     assert second.imported == 4
     assert set(_rows(lake)["decision_id"]) == set(ids[:3] + ids[5:])
     assert import_online_decisions(lake, setup["config"], topic, timeout=20).read == 0
+
+
+def test_operator_imports_through_the_airflow_connections(setup, monkeypatch):
+    """ImportOnlineDecisionsOperator with real connections (the KafkaHook's resolved config, the lake hook's root)."""
+    try:
+        from .fixtures_kafka import kafka_connection_uri
+    except ImportError:
+        from fixtures_kafka import kafka_connection_uri
+
+    from decisionflow.operators.decisions import ImportOnlineDecisionsOperator
+
+    lake, topic = setup["lake"], setup["topic"]
+    monkeypatch.setenv("AIRFLOW_CONN_KAFKA_DEFAULT", kafka_connection_uri(setup["bootstrap"]))
+    monkeypatch.setenv("AIRFLOW_CONN_LAKE_DEFAULT", json.dumps({"conn_type": "delta_lake", "extra": {"root": lake}}))
+    online = online_decisions(transactions(6), setup["policy"])
+    publish(setup["bootstrap"], topic, online)
+    op = ImportOnlineDecisionsOperator(task_id="import_online", topic=topic, read_timeout=30)
+    out = op.execute({})
+    assert out["imported"] == 6 and out["complete"] and out["topic"] == topic
+    assert op.execute({})["read"] == 0
+    assert set(_rows(lake)["decision_id"]) == set(online["decision_id"])
