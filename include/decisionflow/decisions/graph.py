@@ -26,7 +26,11 @@ idempotent on its own (MERGE by decision id, outbox read-back), because a node k
 from its beginning.
 
 No Airflow here: the operator in :mod:`decisionflow.operators.decisions` builds a :class:`DecisionContext` from
-connections and calls :func:`run_decisions`; the online gateway will call the same policy and search code.
+connections and calls :func:`run_decisions`. The ``retrieve`` and ``decide`` nodes are thin wrappers of
+:func:`retrieve_similar` and :func:`decide_frame`, which the online gateway (``POST /v1/decisions``) calls too: a
+transaction gets the same similar cases and the same decision either way. Its decisions reach ``gold/decisions``
+through the ``decisions`` topic (:mod:`decisionflow.decisions.online_import`, the ``import_online`` task that runs
+before ``load``), so ``load``'s anti-join skips every transaction decided online.
 """
 
 from __future__ import annotations
