@@ -325,8 +325,8 @@ def _is_online(msg) -> bool:
     for name, value in headers:
         if name == "origin":
             return (value or b"").decode(errors="replace").strip().lower() == ONLINE_ORIGIN
-    value = msg.value()  # no origin header: online when its run_id says so
-    if value is None or b'"run_id"' not in value:
+    value = msg.value()  # no origin header: online when its run_id says so (parsed only when it can be)
+    if value is None or b'"run_id"' not in value or b'"online"' not in value:
         return False
     try:
         return json.loads(value).get("run_id") == ONLINE_RUN_ID
