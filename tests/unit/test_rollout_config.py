@@ -223,3 +223,61 @@ def test_routing_config_is_validated_by_field():
     with pytest.raises(RoutingConfigError, match="needs canary_version"):
         RoutingConfig.from_mapping({"canary_weight": 10})
     assert RoutingConfig.from_mapping({"canary_weight": 5, "canary_version": 3}).canary_version == "3"
+
+
+# -- RayServeHook over a scripted REST API ----------------------------------------------------------------------------
+class ScriptedServe:
+    """GET/PUT of /api/serve/applications/ in memory (Serve echoes the config, adds status and deployments)."""
+
+    def __init__(self, apps):
+        self.apps = {a["name"]: a for a in apps}
+        self.puts = []
+        self.status = "RUNNING"
+
+    def __call__(self, method, path, body=None, timeout=30.0):
+        assert path == "/api/serve/applications/"
+        if method == "PUT":
+            self.puts.append(copy.deepcopy(body))
+            self.apps = {a["name"]: copy.deepcopy(a) for a in body["applications"]}
+            return None
+        apps = {}
+        for name, app in self.apps.items():
+            deployments = {d["name"]: {"status": "HEALTHY", "status_trigger": "CONFIG_UPDATE_COMPLETED",
+                                       "deployment_config": {"user_config": d.get("user_config")},
+                                       "replicas": [{"state": "RUNNING"}]} for d in app.get("deployments", [])}
+            apps[name] = {"status": self.status, "message": "boom" if self.status == "DEPLOY_FAILED" else "",
+                          "deployed_app_config": copy.deepcopy(app), "deployments": deployments}
+        return {"applications": apps}
+
+
+def scripted_hook(monkeypatch, serve):
+    from airflow.sdk import Connection
+
+    from decisionflow.hooks.ray_serve import RayServeHook
+
+    conn = Connection(conn_id="ray_default", conn_type="ray", host="127.0.0.1", port=1, password="t",
+                      extra='{"dashboard_url": "http://127.0.0.1:2", "serve_url": "http://127.0.0.1:8123"}')
+    monkeypatch.setattr(RayServeHook, "get_connection", classmethod(lambda cls, conn_id: conn))
+    hook = RayServeHook()
+    monkeypatch.setattr(hook, "_request", serve)
+    return hook
+
+
+def test_hook_keeps_other_apps_sends_nothing_when_unchanged_and_names_deploy_failed(monkeypatch):
+    from decisionflow.hooks.ray_serve import ServeDeployError
+
+    other = {"name": "other", "import_path": "x:y", "route_prefix": "/other"}
+    serve = ScriptedServe([other])
+    hook = scripted_hook(monkeypatch, serve)
+    app = application_config(AppSpec(args=ARGS), ServingState("1"))
+    assert hook.deploy_application(app) is True
+    assert [a["name"] for a in serve.puts[-1]["applications"]] == ["other", "decisionflow"]
+    assert serve.puts[-1]["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    assert hook.wait_running(app, timeout=1)["status"] == "RUNNING"
+    assert hook.deploy_application(app) is False and len(serve.puts) == 1
+    moved = application_config(AppSpec(args=ARGS), ServingState("1", "2", 10))
+    assert hook.deploy_application(moved) is True
+    serve.status = "DEPLOY_FAILED"
+    with pytest.raises(ServeDeployError, match="DEPLOY_FAILED: boom"):
+        hook.wait_running(moved, timeout=1)
+    assert hook.auth_headers() == {"Authorization": "Bearer t"}
