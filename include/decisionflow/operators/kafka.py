@@ -59,13 +59,15 @@ class KafkaBacklogCheckOperator(BaseOperator):
     end offset minus the progress marker, which only moves after the data is durably in Delta. A backlog of
     zero therefore means bronze already holds every message; a marker left behind by a crash shows up as a
     backlog and the run proceeds. Runs whose type is in ``always_run_types`` (by default manual runs: someone
-    asked for this one) never skip, and neither does a retry or a cleared try of this task.
+    asked for this one) never skip. Broker errors (say a coordinator still loading on a fresh broker) are
+    retried for ``broker_wait_s`` before the task fails.
 
     :param topics: source topics to compare with the markers.
     :param progress_group: marker consumer group (default: the one ``RecordBronzeProgressOperator`` commits).
     :param always_run_types: ``DagRunType`` values (``"manual"``, ``"scheduled"``, ``"asset_triggered"``,
         ...) of runs that go on even without a backlog.
     :param kafka_config_id: Airflow connection (type ``kafka``).
+    :param broker_wait_s: how long broker errors are retried (every 2 s) before the task fails.
     """
 
     template_fields: Sequence[str] = ("topics", "progress_group")
@@ -77,6 +79,7 @@ class KafkaBacklogCheckOperator(BaseOperator):
         progress_group: str | None = None,
         always_run_types: Sequence[str] = ("manual",),
         kafka_config_id: str = "kafka_default",
+        broker_wait_s: float = 30.0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -86,21 +89,36 @@ class KafkaBacklogCheckOperator(BaseOperator):
         self.progress_group = progress_group
         self.always_run_types = tuple(always_run_types)
         self.kafka_config_id = kafka_config_id
+        self.broker_wait_s = broker_wait_s
 
-    def execute(self, context: Context) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowSkipException
+    def _backlog(self) -> dict[str, dict[str, int]]:
+        import time
+
+        from confluent_kafka import KafkaException
 
         from decisionflow.hooks.kafka import KafkaHook
         from decisionflow.triggers.kafka import BRONZE_PROGRESS_GROUP, topic_backlog
 
-        partitions = topic_backlog(KafkaHook(kafka_config_id=self.kafka_config_id).config,
-                                   self.topics, self.progress_group or BRONZE_PROGRESS_GROUP)
+        config = KafkaHook(kafka_config_id=self.kafka_config_id).config
+        deadline = time.monotonic() + self.broker_wait_s
+        while True:
+            try:
+                return topic_backlog(config, self.topics, self.progress_group or BRONZE_PROGRESS_GROUP)
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.warning("Kafka backlog check on %s failed, retrying: %s", self.topics, exc)
+                time.sleep(2)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        partitions = self._backlog()
         backlog = sum(p["backlog"] for p in partitions.values())
         self.log.info("backlog of %d message(s) on %s: %s", backlog, self.topics, partitions)
         run_type = getattr(context.get("dag_run"), "run_type", None)
         run_type = str(getattr(run_type, "value", run_type) or "")  # DagRunType is a str enum
-        first_try = int(getattr(context.get("ti"), "try_number", 1) or 1) <= 1
-        if backlog == 0 and first_try and run_type not in self.always_run_types:
+        if backlog == 0 and run_type not in self.always_run_types:
             raise AirflowSkipException(f"no backlog on {self.topics}: bronze holds every message, nothing to ingest")
         return {"backlog": backlog, "partitions": partitions}
 
