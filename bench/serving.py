@@ -92,6 +92,8 @@ def parse_args(argv=None) -> Namespace:
                         help="timed seconds per server, load shape and round (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=3.0,
                         help="untimed seconds per server and load shape before the rounds (default %(default)s)")
+    parser.add_argument("--idle-seconds", type=float, default=5.0,
+                        help="seconds each server's idle CPU use is sampled before the load (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the servers alternating (default %(default)s)")
     parser.add_argument("--accounts", type=int, default=5_000, help="accounts in gold (default %(default)s)")
     parser.add_argument("--merchants", type=int, default=500, help="merchants in gold (default %(default)s)")
@@ -768,14 +770,16 @@ def report(args, results: dict) -> str:
     for name, server in results["servers"].items():
         if name == "uvicorn":
             lines.append(f"(a) uvicorn: python -m decisionflow_serving (LocalModelBackend: one model call per request), "
-                         f"pid {server['pid']}, port {server['port']}, ready in {server['start_s']:.1f} s")
+                         f"pid {server['pid']}, port {server['port']}, ready in {server['start_s']:.1f} s; idle CPU "
+                         f"{server.get('idle_cpu_percent', float('nan')):.1f}% of a core")
         else:
             lines.append(f"(b) ray: private head ({server['head_s']:.0f} s to start, attempt {server['attempts']}"
                          + (f", after {server['waited_s']:.0f} s waiting for a quieter machine" if server['waited_s'] >= 1
                             else "")
                          + f"; {os.cpu_count()} CPUs, token auth), Serve app deployed by PUT /api/serve/applications/ "
                          f"in {server['deploy_s']:.0f} s (deployments: {', '.join(server['deployments'])}; model calls "
-                         f"batched by @serve.batch, up to {server['batch']}), Serve HTTP on port {server['port']}")
+                         f"batched by @serve.batch, up to {server['batch']}), Serve HTTP on port {server['port']}; idle CPU "
+                         f"{server.get('idle_cpu_percent', float('nan')):.1f}% of a core (all Ray processes)")
     for name, reason in results["unavailable"].items():
         lines.append(f"({'a' if name == 'uvicorn' else 'b'}) {name}: NOT AVAILABLE -- {reason}")
     check = results.get("same_model")
@@ -912,6 +916,11 @@ def main(argv=None) -> int:
 
         results["same_model"] = same_model(servers, token, json.loads(payload_files["batch"].read_text())[0])
         client = Client(work / "client.log")
+        for name, server in servers.items():  # what each costs doing nothing (Ray's GCS, raylet, dashboard...)
+            pids = process_tree(server["process"].pid)
+            cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+            time.sleep(args.idle_seconds)
+            results["servers"][name]["idle_cpu_percent"] = 100 * (cpu_seconds(pids) - cpu0) / (time.perf_counter() - t0)
         results["load_before"] = _load()
         results["timings"] = measure(args, client, servers, token, payload_files)
         results["load_after"] = _load()
