@@ -87,7 +87,8 @@ FALLBACKS = Counter(
 )
 ROUTING_WEIGHT = Gauge(
     "decisionflow_routing_weight",
-    "Share of requests (percent) routed to each role; the canary's is its configured weight.",
+    "Share of requests (percent) routed to each role (stable, canary; shadow: the share of stable-served requests "
+    "mirrored to the canary) as the gateway applies it.",
     ("role", "model_version"),
     registry=REGISTRY,
 )
@@ -178,7 +179,8 @@ class RoutedBackend:
         """Swap the routing config (atomic: a request in flight keeps the config it started with)."""
         new = routing if isinstance(routing, RoutingConfig) else RoutingConfig.from_mapping(routing)
         old = self._routing
-        for role, version in ((STABLE, old.stable_version), (CANARY, old.canary_version)):
+        for role, version in ((STABLE, old.stable_version), (CANARY, old.canary_version),
+                              (SHADOW, old.canary_version)):
             if version is not None:
                 try:
                     ROUTING_WEIGHT.remove(role, version)
@@ -188,6 +190,8 @@ class RoutedBackend:
             ROUTING_WEIGHT.labels(role=STABLE, model_version=new.stable_version).set(100 - float(new.canary_weight))
         if new.canary_version is not None:
             ROUTING_WEIGHT.labels(role=CANARY, model_version=new.canary_version).set(float(new.canary_weight))
+            if new.shadow:
+                ROUTING_WEIGHT.labels(role=SHADOW, model_version=new.canary_version).set(100 * float(new.shadow_share))
         self._routing = new
         log.info("routing: %s", new.as_dict())
         return new

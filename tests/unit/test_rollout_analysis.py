@@ -172,3 +172,16 @@ def test_limits_validation_names_the_field():
 def test_garbage_metrics_text_is_named():
     with pytest.raises(AnalysisError, match="not Prometheus text"):
         parse_metrics("decisionflow_model_requests_total{role=\"x\" 1\n")
+
+
+def test_routing_applied_reads_the_gateway_gauges():
+    from decisionflow.rollout.analysis import routing_applied
+
+    text = ('decisionflow_routing_weight{role="stable",model_version="1"} 90.0\n'
+            'decisionflow_routing_weight{role="canary",model_version="2"} 10.0\n'
+            'decisionflow_routing_weight{role="shadow",model_version="2"} 100.0\n')
+    snap = parse_metrics(text)
+    assert routing_applied(snap, canary_version="2", weight=10, shadow=True)
+    assert not routing_applied(snap, canary_version="2", weight=10, shadow=False)
+    assert not routing_applied(snap, canary_version="2", weight=50, shadow=True)
+    assert not routing_applied(snap, canary_version="3", weight=10, shadow=True)

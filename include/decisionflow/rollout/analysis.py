@@ -46,6 +46,7 @@ PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 REQUESTS = "decisionflow_model_requests_total"
 SECONDS = "decisionflow_model_request_seconds"
 SHADOW_DIFF = "decisionflow_shadow_score_diff"
+ROUTING_WEIGHT = "decisionflow_routing_weight"
 CANARY_ROLES = ("canary", "shadow")
 
 Labels = tuple[tuple[str, str], ...]
@@ -121,11 +122,24 @@ def parse_metrics(text: str) -> MetricsSnapshot:
         raise AnalysisError(f"the /metrics body is not Prometheus text: {exc}") from exc
     for family in families:
         for sample in family.samples:
-            if not sample.name.startswith((REQUESTS, SECONDS, SHADOW_DIFF)):
+            if not sample.name.startswith((REQUESTS, SECONDS, SHADOW_DIFF, ROUTING_WEIGHT)):
                 continue
             labels = tuple(sorted((k, str(v)) for k, v in sample.labels.items()))
             snapshot.samples.setdefault(sample.name, {})[labels] = float(sample.value)
     return snapshot
+
+
+def routing_applied(snapshot: MetricsSnapshot, *, canary_version: str, weight: float, shadow: bool) -> bool:
+    """Does the scraped gateway route as asked (``decisionflow_routing_weight`` of the canary, and of shadow)?
+
+    Serve reports a deployment RUNNING with its new ``user_config`` a moment before a loaded replica has run
+    ``reconfigure()``; a window must not start before the gateway routes the step's traffic.
+    """
+    weights = {dict(k).get("role"): v for k, v in snapshot.get(ROUTING_WEIGHT).items()
+               if dict(k).get("model_version") == str(canary_version)}
+    if abs(weights.get("canary", -1.0) - float(weight)) > 1e-6:
+        return False
+    return (weights.get("shadow", 0.0) > 0) == bool(shadow)
 
 
 def _delta(before: MetricsSnapshot, after: MetricsSnapshot, name: str) -> tuple[dict[Labels, float], bool]:

@@ -1,6 +1,7 @@
 """Deferrable canary analysis: watch the gateway's metrics for one analysis window and fire a verdict.
 
-The trigger scrapes ``GET <metrics_url>`` (the gateway's Prometheus text) when it starts, then every
+The trigger waits until the gateway routes the step's traffic (``decisionflow_routing_weight``), scrapes
+``GET <metrics_url>`` (the gateway's Prometheus text) then, and every
 ``poll_interval`` seconds until ``window_seconds`` have passed; each scrape is compared with the first by
 :mod:`decisionflow.rollout.analysis`. It fires once:
 
@@ -42,11 +43,15 @@ class CanaryAnalysisTrigger(BaseTrigger):
     :param poll_interval: seconds between scrapes (fail-fast granularity).
     :param step: opaque step description handed back in the event.
     :param max_scrape_failures: consecutive failed scrapes before the trigger gives up with ``error``.
+    :param settle_timeout: seconds to wait for the gateway to route the step's traffic (its
+        ``decisionflow_routing_weight`` gauges: ``step["weight"]`` and ``step["shadow"]``) before the window
+        starts; ``error`` after that.
     """
 
     def __init__(self, *, metrics_url: str, canary_version: str, stable_version: str | None,
                  window_seconds: float, limits: dict[str, Any] | None = None, poll_interval: float = 2.0,
-                 step: dict[str, Any] | None = None, max_scrape_failures: int = 5) -> None:
+                 step: dict[str, Any] | None = None, max_scrape_failures: int = 5,
+                 settle_timeout: float = 120.0) -> None:
         super().__init__()
         self.metrics_url = metrics_url
         self.canary_version = str(canary_version)
@@ -56,6 +61,7 @@ class CanaryAnalysisTrigger(BaseTrigger):
         self.poll_interval = float(poll_interval)
         self.step = dict(step or {})
         self.max_scrape_failures = int(max_scrape_failures)
+        self.settle_timeout = float(settle_timeout)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -69,6 +75,7 @@ class CanaryAnalysisTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "step": self.step,
                 "max_scrape_failures": self.max_scrape_failures,
+                "settle_timeout": self.settle_timeout,
             },
         )
 
@@ -83,15 +90,29 @@ class CanaryAnalysisTrigger(BaseTrigger):
                              "canary_version": self.canary_version, "stable_version": self.stable_version})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from decisionflow.rollout.analysis import Limits, analyze, fail_fast
+        from decisionflow.rollout.analysis import Limits, analyze, fail_fast, routing_applied
 
         limits = Limits.from_mapping(self.limits)
         started = time.monotonic()
         failures = 0
         baseline = None
+        settle_until = time.monotonic() + self.settle_timeout
         while baseline is None:
             try:
-                baseline = await self._snapshot()
+                snapshot = await self._snapshot()
+                if "weight" in self.step and not routing_applied(
+                        snapshot, canary_version=self.canary_version, weight=float(self.step["weight"]),
+                        shadow=bool(self.step.get("shadow"))):
+                    if time.monotonic() > settle_until:
+                        yield self._event({"status": "error", "reason": (
+                            f"the gateway at {self.metrics_url} does not route the step's traffic after "
+                            f"{self.settle_timeout:.0f}s (decisionflow_routing_weight of canary "
+                            f"{self.canary_version} is not {self.step['weight']})"), "reasons": [],
+                            "measurements": {}}, started)
+                        return
+                    await asyncio.sleep(0.5)
+                    continue
+                baseline = snapshot
             except Exception as exc:  # noqa: BLE001 - the gateway may be between replicas
                 failures += 1
                 self.log.warning("canary analysis: scrape of %s failed (%d/%d): %s", self.metrics_url, failures,
@@ -102,7 +123,8 @@ class CanaryAnalysisTrigger(BaseTrigger):
                     return
                 await asyncio.sleep(self.poll_interval)
         failures = 0
-        deadline = time.monotonic() + self.window_seconds
+        started = time.monotonic()  # the window starts once the gateway routes as asked
+        deadline = started + self.window_seconds
         kwargs = {"canary_version": self.canary_version, "stable_version": self.stable_version, "limits": limits}
         while True:
             await asyncio.sleep(max(0.0, min(self.poll_interval, deadline - time.monotonic())))
