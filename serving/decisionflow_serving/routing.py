@@ -212,7 +212,7 @@ class RoutedBackend:
         return self._stable_ready
 
     async def score(self, rows: list[dict[str, Any]]) -> Scored:
-        """Score ``rows`` with one version: the canary with probability ``canary_weight/100``, else stable."""
+        """Score ``rows`` with one version: the canary for ``canary_weight`` % of the requests, else stable."""
         routing = self._routing
         if self._pick_canary(routing):
             scored = await self._call_canary(rows, routing, CANARY)
@@ -268,26 +268,33 @@ class RoutedBackend:
         response = self._canary.score.remote(rows)
         outcome = "error"
         scored = None
-        try:
-            scored = await asyncio.wait_for(_await(response), routing.canary_timeout_s)
+        # asyncio.wait, not wait_for: a timed-out call is abandoned at once (wait_for would wait for the
+        # cancellation to finish, and the client with it).
+        call = asyncio.ensure_future(_await(response))
+        done, _ = await asyncio.wait({call}, timeout=routing.canary_timeout_s)
+        if not done:
+            log.warning("canary %s timed out after %.2fs (%s)", version, routing.canary_timeout_s, role)
+            call.cancel()
+            call.add_done_callback(_consume)
+            _cancel(response)
+        elif call.exception() is not None:
+            exc = call.exception()
+            log.warning("canary %s failed (%s): %s: %s", version, role, type(exc).__name__, str(exc)[:300])
+        else:
+            scored = call.result()
             if routing.canary_version is not None and scored.model_version != routing.canary_version:
                 log.warning("canary answered with version %s, routing expects %s: treated as a canary error",
                             scored.model_version, routing.canary_version)
                 scored = None
             else:
                 outcome = "ok"
-        except asyncio.TimeoutError:
-            log.warning("canary %s timed out after %.2fs (%s)", version, routing.canary_timeout_s, role)
-            _cancel(response)
-        except Exception as exc:  # noqa: BLE001 - any canary fault is the canary's, answered by stable
-            log.warning("canary %s failed (%s): %s: %s", version, role, type(exc).__name__, str(exc)[:300])
         MODEL_REQUESTS.labels(role=role, model_version=version, outcome=outcome).inc()
         MODEL_SECONDS.labels(role=role, model_version=version).observe(time.perf_counter() - started)
         return scored
 
     def _mirror(self, rows: list[dict[str, Any]], stable: Scored, routing: RoutingConfig) -> None:
         if len(self._shadow_tasks) >= routing.max_shadow_in_flight:
-            return
+            return  # the canary is behind: skip (a mirror never queues)
         task = asyncio.get_running_loop().create_task(self._shadow(rows, stable, routing))
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
@@ -309,6 +316,12 @@ class RoutedBackend:
 async def _await(response: Any) -> Any:
     """Await a ``DeploymentResponse`` (or any awaitable) inside a coroutine, so ``wait_for`` can time it."""
     return await response
+
+
+def _consume(task: asyncio.Future) -> None:
+    """Retrieve an abandoned call's outcome so asyncio does not log 'exception was never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _cancel(response: Any) -> None:
