@@ -104,12 +104,26 @@ def lake(stack) -> Path:
     return stack.ctx.data / "lake"
 
 
+def settle(client, dag_id: str, appear_within: float = 0, timeout: float = 900) -> None:
+    """Wait for every unfinished run of ``dag_id`` to finish; first up to ``appear_within`` s for one to exist."""
+    deadline = time.monotonic() + appear_within
+    while not client.runs(dag_id) and time.monotonic() < deadline:
+        time.sleep(1)
+    for run in client.runs(dag_id):
+        if run["state"] not in ("success", "failed"):
+            client.wait_for_run(dag_id, run["dag_run_id"], timeout=timeout, log=print)
+
+
 def test_watcher_ingests_everything_and_silver_accounts_for_it(stack, client, lake, tmp_path_factory):
     for dag_id in (INGEST, BUILD):
         client.wait_for_dag(dag_id)
-    started = now_iso()
-    client.unpause(INGEST)
     client.unpause(BUILD)
+    client.unpause(INGEST)
+    # Unpausing starts the latest 30-minute tick at once. Before anything is produced it finds no backlog and
+    # skips (check_backlog: no Spark job); let it end first, so that one watcher-triggered run ingests all
+    # the events below (a tick racing the producer ingested part of them: a second ingest and a second build).
+    settle(client, INGEST, appear_within=30)
+    started = now_iso()
     truth = produce(stack, events=3000, seed=11, truth=stack.ctx.data / "generator" / "truth-seed11.jsonl")
     PRODUCED.extend(truth)
     kinds = Counter(r["kind"] for r in truth)
@@ -144,20 +158,18 @@ def test_watcher_ingests_everything_and_silver_accounts_for_it(stack, client, la
 
 def test_killed_ingest_loses_and_duplicates_nothing(stack, client, lake, tmp_path_factory):
     # Let the watcher's runs settle, then hold the DAG while a backlog builds up.
-    for run in client.runs(INGEST):
-        if run["state"] not in ("success", "failed"):
-            client.wait_for_run(INGEST, run["dag_run_id"], timeout=900)
+    settle(client, INGEST)
     client.pause(INGEST)
     # build_lakehouse waits until the last test: its Spark jobs would hold the one-slot spark pool meanwhile.
-    for run in client.runs(BUILD):
-        if run["state"] not in ("success", "failed"):
-            client.wait_for_run(BUILD, run["dag_run_id"], timeout=1200)
+    settle(client, BUILD, timeout=1200)
     client.pause(BUILD)
-    # The same seed again (exact re-sends of every event) and a larger batch.
+    # The same seed again (exact re-sends of every event) and a larger batch: ~9,000 transaction messages in
+    # micro-batches of 1,000 per topic, so the job is certainly caught between two commits. (Every row more is
+    # work for each later build, training and decision run of the chain: the batch only has to span several
+    # micro-batches.)
     PRODUCED.extend(produce(stack, events=3000, seed=11, truth=stack.ctx.data / "generator" / "truth-seed11-again.jsonl"))
-    PRODUCED.extend(produce(stack, events=12000, seed=12, truth=stack.ctx.data / "generator" / "truth-seed12.jsonl"))
-    # Small micro-batches so the job is certainly caught between two commits.
-    run_id = client.trigger(INGEST, conf={"max_offsets_per_trigger": 2000})
+    PRODUCED.extend(produce(stack, events=6000, seed=12, truth=stack.ctx.data / "generator" / "truth-seed12.jsonl"))
+    run_id = client.trigger(INGEST, conf={"max_offsets_per_trigger": 1000})
     client.unpause(INGEST)
     checkpoint = lake / "_checkpoints/bronze/transactions"
 
