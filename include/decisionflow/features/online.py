@@ -478,6 +478,8 @@ class OnlineFeatureReader:
             by_row = [per_entity[slot[e]] for e in row_entities]
         if times is not None:  # the event timestamp of each entity's online row (None: not in the store)
             entity_times = [_utc(ts) if data is not None else None for ts, data in rows]
+            # Redis answers an absent entity with empty values and a zero timestamp (SQLite with no row at all)
+            entity_times = [None if ts is not None and ts.timestamp() == 0 else ts for ts in entity_times]
             times[view.view.projection.name_to_use()] = (
                 entity_times if len(first_row) == n else [entity_times[slot[e]] for e in row_entities])
         return {name: list(values) for name, values in zip(names, zip(*by_row))}
