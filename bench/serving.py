@@ -14,8 +14,10 @@ Method. One run sets up, once, in a private temporary directory (removed at the 
    (a) ``python -m decisionflow_serving`` under bare uvicorn in a subprocess, ``LocalModelBackend`` (the model
    in-process); (b) a private Ray head (token auth, every port free and on loopback, like
    ``tests/integration/fixtures_ml.py``), the app deployed through the Serve REST API
-   (``PUT /api/serve/applications/`` on the dashboard) with the project's Serve config, Serve's HTTP proxy on a
-   free port: the FastAPI ingress ``Gateway`` + the ``stable`` model deployment (``@serve.batch``).
+   (``PUT /api/serve/applications/`` on the dashboard) by the provider's ``RayServeHook`` (connection
+   ``ray_default`` from an ``AIRFLOW_CONN_*`` variable) with the project's Serve config
+   (``decisionflow.rollout.serve_config``), Serve's HTTP proxy on a free port: the FastAPI ingress ``Gateway``
+   + the ``stable`` model deployment (``@serve.batch``) + an empty ``canary``.
 
 The client is a separate process (asyncio, keep-alive HTTP/1.1 connections, one per concurrent client, the
 same for both servers): ``--clients`` (16) concurrent clients send ``POST /v1/score`` with one transaction per
@@ -583,7 +585,7 @@ def serve_config(settings: dict, serve_port: int) -> dict:
 
 def start_ray(work: Path, settings: dict, attempts: int = 5) -> dict:
     """A private Ray head (2 CPUs, token auth, free loopback ports) and the gateway deployed on Serve through the
-    REST API; waits for the app RUNNING and ``/ready`` on Serve's HTTP port."""
+    REST API by ``RayServeHook``; waits for the app RUNNING and ``/ready`` on Serve's HTTP port."""
     fixtures = _fixtures_ml()
     root = work / "ray"
     root.mkdir()
@@ -614,22 +616,23 @@ def start_ray(work: Path, settings: dict, attempts: int = 5) -> dict:
     try:
         server["head_s"] = time.perf_counter() - t0 - waited
         serve_port = free_port()
-        auth = {"Authorization": f"Bearer {token_path.read_text().strip()}"}
+        # The provider's RayServeHook over ``ray_default`` (an AIRFLOW_CONN_* variable, as a user sets it; the
+        # Airflow home is the throwaway one of the feature setup): PUT keeping other apps, wait for RUNNING.
+        os.environ["AIRFLOW_CONN_RAY_DEFAULT"] = json.dumps({
+            "conn_type": "ray", "host": HOST, "port": head.gcs_port,
+            "extra": {"dashboard_url": head.dashboard_url, "auth_token_path": str(token_path),
+                      "serve_url": f"http://{HOST}:{serve_port}", "serve_port": serve_port}})
+        from decisionflow.hooks.ray_serve import RayServeHook
+
         config = serve_config(settings, serve_port)
         server["config"] = config
+        hook = RayServeHook()
+        if hook.serve_http_options != config["http_options"]:
+            raise RuntimeError(f"RayServeHook would deploy with {hook.serve_http_options}, not {config['http_options']}")
         t1 = time.perf_counter()
-        status, answer = http("PUT", f"{head.dashboard_url}/api/serve/applications/", config, auth, timeout=60)
-        if status not in (200, 202):
-            raise RuntimeError(f"Serve REST API PUT answered {status}: {str(answer)[:1500]}")
-
-        def app_status() -> str | None:
-            code, body = http("GET", f"{head.dashboard_url}/api/serve/applications/", headers=auth, timeout=10)
-            app = (body or {}).get("applications", {}).get(APP_NAME) if code == 200 and isinstance(body, dict) else None
-            if app and app.get("status") == "DEPLOY_FAILED":
-                raise RuntimeError(f"Serve app {APP_NAME} DEPLOY_FAILED: {app.get('message', '')[:3000]}")
-            return app.get("status") if app else None
-
-        wait_for(lambda: app_status() == "RUNNING", 300, f"Serve app {APP_NAME} RUNNING", process, None, interval=1)
+        app = config["applications"][0]
+        hook.deploy_application(app)
+        hook.wait_running(app, timeout=300)
         wait_for(lambda: http("GET", f"http://{HOST}:{serve_port}/ready", timeout=3)[0] == 200, 120,
                  "Ray Serve gateway /ready", process, None)
         server.update(port=serve_port, deploy_s=time.perf_counter() - t1, start_s=time.perf_counter() - t0)
@@ -776,7 +779,7 @@ def report(args, results: dict) -> str:
             lines.append(f"(b) ray: private head ({server['head_s']:.0f} s to start, attempt {server['attempts']}"
                          + (f", after {server['waited_s']:.0f} s waiting for a quieter machine" if server['waited_s'] >= 1
                             else "")
-                         + f"; {os.cpu_count()} CPUs, token auth), Serve app deployed by PUT /api/serve/applications/ "
+                         + f"; {os.cpu_count()} CPUs, token auth), Serve app deployed by RayServeHook (PUT /api/serve/applications/) "
                          f"in {server['deploy_s']:.0f} s (deployments: {', '.join(server['deployments'])}; model calls "
                          f"batched by @serve.batch, up to {server['batch']}), Serve HTTP on port {server['port']}; idle CPU "
                          f"{server.get('idle_cpu_percent', float('nan')):.1f}% of a core (all Ray processes)")
@@ -785,8 +788,8 @@ def report(args, results: dict) -> str:
     check = results.get("same_model")
     if check:
         diff = check.get("max_abs_score_diff")
-        lines.append(f"same model: a {check['rows']}-row request scored by version {sorted(set(check['versions'].values()))} "
-                     + (f"on both servers, max |score diff| {diff:.2e}" if diff is not None else "")
+        lines.append(f"same model: a {check['rows']}-row request scored by version {sorted(set(check['versions'].values()))}"
+                     + (f" on both servers, max |score diff| {diff:.2e}" if diff is not None else "")
                      + f"; bands {check['bands']}; 401 without a token on each")
     lines += [
         "latency = client-side wall time of one request on a keep-alive connection (send to last byte); QPS = "
