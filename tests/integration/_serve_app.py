@@ -3,7 +3,7 @@
 * :func:`scoring_app` - a minimal gateway app over the :class:`RoutedBackend` (the rows of ``/v1/score`` are the
   feature rows as sent; no Feast), ``/metrics`` from the shared registry: what the rollout needs of the gateway.
 * :class:`ScoreModel` / :class:`FaultyModel` - MLflow pyfunc models: a deterministic score of ``amount`` (offset
-  per version), and one that raises on a share of inputs (by event id) - the faulty challenger.
+  per version), and one that raises on a share of inputs (by amount) - the faulty challenger.
 * :func:`load_pyfunc_version` - the ``model_loader`` for those models: pinned metadata from the registered version.
 """
 
@@ -36,16 +36,17 @@ def _share(event_id: str) -> float:
 
 
 class FaultyModel(ScoreModel):
-    """Like :class:`ScoreModel`, but raises for rows whose event id hashes below ``fail_share``."""
+    """Like :class:`ScoreModel`, but raises for rows whose amount hashes below ``fail_share`` (the model sees only
+    numeric features: the gateway casts them to float64)."""
 
     def __init__(self, fail_share: float = 0.3, offset: float = 0.0):
         super().__init__(offset)
         self.fail_share = fail_share
 
     def predict(self, context, model_input, params=None):
-        bad = [e for e in model_input["event_id"] if _share(e) < self.fail_share]
+        bad = [a for a in model_input["amount"] if _share(repr(float(a))) < self.fail_share]
         if bad:
-            raise ValueError(f"faulty challenger cannot score event(s) {bad[:3]}")
+            raise ValueError(f"faulty challenger cannot score amount(s) {bad[:3]}")
         return super().predict(context, model_input, params)
 
 
@@ -56,7 +57,7 @@ def load_pyfunc_version(tracking_uri: str, model_name: str, version: str) -> Any
     mv = MlflowClient(tracking_uri=tracking_uri).get_model_version(model_name, version)
     model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
     pinned = SimpleNamespace(name=model_name, version=str(version), run_id=mv.run_id or "", review=0.5, decline=0.9,
-                             feature_columns=("event_id", "amount"))
+                             feature_columns=("amount",))
     return SimpleNamespace(pinned=pinned, predict=lambda frame: list(model.predict(frame)))
 
 

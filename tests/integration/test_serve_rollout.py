@@ -21,6 +21,7 @@ import asyncio
 import collections
 import importlib
 import json
+import random
 import threading
 import time
 import urllib.request
@@ -111,7 +112,8 @@ class Load:
     def _run(self):
         while not self._stop.is_set():
             phase = self.phase
-            body = json.dumps({"transactions": [{"event_id": str(uuid.uuid4()), "amount": 150.0}]}).encode()
+            amount = round(random.uniform(1, 500), 2)
+            body = json.dumps({"transactions": [{"event_id": str(uuid.uuid4()), "amount": amount}]}).encode()
             request = urllib.request.Request(f"{self.url}/v1/score", data=body,
                                              headers={"Content-Type": "application/json"})
             try:
@@ -171,7 +173,8 @@ def drive(op, load: Load | None = None, context=None, label: str = ""):
                 load.phase = "transition"
                 counts, total = load.share(f"{label}step{step['index']}")
                 print(f"\n{label}step {step}: {payload.get('status')} ({payload.get('reason')}); answers {dict(counts)}, "
-                      f"failures so far {len(load.failures)}; measurements {payload.get('measurements')}")
+                      f"failures so far {len(load.failures)} {load.failures[:2]}; measurements "
+                      f"{payload.get('measurements')}")
             events.append((step, payload))
             method = getattr(op, deferred.method_name)
             call = lambda method=method, payload=payload, kw=deferred.kwargs: method(context, event=payload, **kw)  # noqa: E731
