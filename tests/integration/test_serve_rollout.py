@@ -272,6 +272,7 @@ def test_same_version_again_is_a_noop_and_deploy_is_idempotent(serve):
               if k in ("app_args", "runtime_env", "deploy_timeout")}
     deploy = RayServeDeployOperator(task_id="deploy", stable_version="2", app_args=dict(kwargs["app_args"],
                                     model_name=MODEL), runtime_env=kwargs["runtime_env"])
+    deploy.execute({})  # the rollouts ran with canary_timeout_s 5: this config differs in that one field
     started = time.monotonic()
     assert deploy.execute({})["changed"] is False
     TIMINGS["idempotent deploy (no-op)"] = time.monotonic() - started
