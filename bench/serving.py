@@ -128,31 +128,7 @@ def start_process(argv: list[str], log: Path, env: dict | None = None, cwd: Path
 
 def stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGTERM the process group this run created (its leader is ``process``), SIGKILL it after ``grace``."""
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        return
-    if pgid != process.pid:  # not a group leader: only the process itself is ours
-        process.kill()
-        process.wait()
-        return
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        process.poll()
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.3)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
+    _fixtures_ml().stop_group(process, grace)
 
 
 def http(method: str, url: str, body=None, headers: dict | None = None, timeout: float = 10.0):
