@@ -16,6 +16,10 @@ if "AIRFLOW_HOME" not in os.environ:
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(_PROJECT / "dags"))
 
+# Before any test imports Feast: feast.metrics sets PROMETHEUS_MULTIPROCESS_DIR for the process, and
+# prometheus_client chooses its value storage at import; in multiprocess mode two metrics of the same name in one
+# process (the canary-analysis tests' private registries) add up. See decisionflow_serving/__init__.py.
+import prometheus_client.values  # noqa: E402,F401
 import pytest  # noqa: E402
 
 #: Test files written but not yet seen green on a clean clone: marked `pending`, so `make test` leaves them out
