@@ -191,8 +191,12 @@ def test_operator_without_endpoints(connections, fake_jars, monkeypatch):
 def test_operator_missing_jars_fails_with_make_jars(connections, monkeypatch, tmp_path):
     monkeypatch.setenv("DECISIONFLOW_JARS", str(tmp_path / "no-jars"))
     op = _operator()
-    with pytest.raises(MissingJarsError, match="run `make jars`"):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    # a NonRetryableError: the task fails at once (no retries), the message and the cause kept
+    with pytest.raises(AirflowFailException, match="run `make jars`") as failed:
         op.execute(context={})
+    assert isinstance(failed.value.__cause__, MissingJarsError)
 
 
 # -- lake hook ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator, FormatChecker
+from decisionflow.exceptions import NonRetryableError
 
 __all__ = [
     "ADDITIONAL_FIELDS_POLICY",
@@ -488,7 +489,7 @@ def validate_message(topic: str, value: bytes | str | None) -> ValidationResult:
 
 
 # -- schema evolution ---------------------------------------------------------------------------------------
-class IncompatibleSchemaError(ValueError):
+class IncompatibleSchemaError(NonRetryableError, ValueError):
     """A new schema version would break producers or consumers of the old one; ``problems`` names each field."""
 
     def __init__(self, topic: str, problems: list[str]):

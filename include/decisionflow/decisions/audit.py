@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from decisionflow import constants
 from decisionflow.decisions import _delta
 from decisionflow.lakehouse.tables import table as _declared
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -92,7 +93,7 @@ _WRITER_REQUIRED = ("brain",)
 _LISTS_NON_EMPTY = ("reason_codes",)  # actions may be empty: an approval usually triggers nothing
 
 
-class AuditError(ValueError):
+class AuditError(NonRetryableError, ValueError):
     """A decision that cannot be written to the audit trail; names the column and an example decision id."""
 
     def __init__(self, column: str, problem: str, example: str | None = None, count: int | None = None):

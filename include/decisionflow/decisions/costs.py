@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
+from decisionflow.exceptions import NonRetryableError
 
 __all__ = [
     "DECISIONS",
@@ -40,7 +41,7 @@ NEVER: float = math.inf
 DECISIONS: tuple[str, ...] = ("approve", "review", "decline")
 
 
-class ConfigError(ValueError):
+class ConfigError(NonRetryableError, ValueError):
     """A configuration value or key is invalid; the message names the field."""
 
 

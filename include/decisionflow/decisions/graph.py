@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from decisionflow import constants
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +63,7 @@ TRANSACTION_COLUMNS = ("event_id", "event_time", "account_id", "merchant_id", "a
                        "channel", "country", "device_id", "ip", "memo")
 
 
-class DecisionRunError(RuntimeError):
+class DecisionRunError(NonRetryableError, RuntimeError):
     """A decision run cannot go on; the message names the layer, the cause and the remedy.
 
     ``not_ready`` marks what a fresh platform lacks until the loop has run once (no gold table, no champion):

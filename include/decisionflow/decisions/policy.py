@@ -88,6 +88,7 @@ import numpy as np
 
 from decisionflow import constants
 from decisionflow.decisions.costs import DECISIONS, NEVER, ConfigError, CostModel, Thresholds
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -136,7 +137,7 @@ _TOP_KEYS = ("name", "version", "description", "bands", "rules", "similar_cases"
 _REQUIRED_TOP = ("name", "version", "bands", "actions", "reason_codes", "costs", "review_budget")
 
 
-class PolicyError(ValueError):
+class PolicyError(NonRetryableError, ValueError):
     """A policy file is malformed, or a batch does not fit the policy; the message names file, rule and field."""
 
 

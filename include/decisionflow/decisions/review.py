@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from decisionflow import constants
 from decisionflow.decisions import _delta, audit, review_queue
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from decisionflow.decisions.outbox import Outbox
@@ -83,7 +84,7 @@ MAX_NOTE = 10000
 REVIEW_COLUMNS = ("review_decision", "reviewed_by", "reviewed_at", "review_note", "review_source")
 
 
-class ReviewError(RuntimeError):
+class ReviewError(NonRetryableError, RuntimeError):
     """An answer that cannot be applied (unknown decision, not a review case, already answered, bad input)."""
 
     def __init__(self, message: str, decision_id: str | None = None):

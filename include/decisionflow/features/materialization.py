@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
 
-class MaterializationError(ValueError):
+class MaterializationError(NonRetryableError, ValueError):
     """A window or view cannot be materialized (unknown view, end before start, non-positive chunk)."""
 
 

@@ -50,6 +50,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.value_type import ValueType
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -65,7 +66,7 @@ _UUID_TYPES = frozenset({ValueType.UUID, ValueType.TIME_UUID, ValueType.UUID_LIS
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-class UnsupportedFeatureServiceError(ValueError):
+class UnsupportedFeatureServiceError(NonRetryableError, ValueError):
     """The feature service uses something the reader cannot serve with exactly Feast's values."""
 
 

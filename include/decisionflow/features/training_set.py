@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from decisionflow import constants
-from decisionflow.exceptions import NotReadyError
+from decisionflow.exceptions import NonRetryableError, NotReadyError
 from decisionflow.lakehouse.tables import join_path
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ REQUEST_FEATURES = ("amount",)
 ENTITY_COLUMNS = ("event_id", "account_id", "merchant_id", "amount", "event_timestamp", "is_fraud")
 
 
-class TrainingSetError(ValueError):
+class TrainingSetError(NonRetryableError, ValueError):
     """The training set cannot be built: a missing table or column, no labelled rows, a missing feature."""
 
 

@@ -54,14 +54,41 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+def record_failure(summary: dict[str, Any], exc: BaseException, error: str | None = None) -> None:
+    """Put a failure into the summary: ``error`` (default: :func:`describe_error`), and for a
+    :class:`~decisionflow.exceptions.NonRetryableError` also ``non_retryable`` (layer, cause, remedy), which makes
+    :func:`emit_summary` exit with :data:`~decisionflow.exceptions.EXIT_NON_RETRYABLE` and print the marker line
+    the Spark operator turns into a failure without retries."""
+    from decisionflow.exceptions import describe_failure, is_non_retryable
+
+    summary["error"] = error if error is not None else describe_error(exc)
+    if is_non_retryable(exc):
+        failure = describe_failure(exc, layer="spark")
+        summary["non_retryable"] = {"layer": failure.layer, "cause": failure.cause, "remedy": failure.remedy}
+
+
+def exit_code(name: str, summary: dict[str, Any]) -> int:
+    """Report a failed summary on stderr; the exit code: 0 ok, :data:`~decisionflow.exceptions.EXIT_NON_RETRYABLE`
+    (after the marker line) when it failed on a NonRetryableError, else 1."""
+    if summary.get("ok"):
+        return 0
+    print(f"{name} FAILED: {summary.get('error')}", file=sys.stderr, flush=True)
+    verdict = summary.get("non_retryable")
+    if verdict:
+        from decisionflow.exceptions import EXIT_NON_RETRYABLE, Failure, non_retryable_marker
+
+        print(non_retryable_marker(Failure(str(verdict.get("layer") or "spark"), str(verdict.get("cause") or ""),
+                                           str(verdict.get("remedy") or ""), True)), file=sys.stderr, flush=True)
+        return EXIT_NON_RETRYABLE
+    return 1
+
+
 def emit_summary(name: str, summary: dict[str, Any], summary_path: str | None) -> int:
-    """Print the summary as one JSON line (and write it to ``summary_path``); the exit code: 0 ok, else 1."""
+    """Print the summary as one JSON line (and write it to ``summary_path``); the exit code: 0 ok, 3 failed on a
+    NonRetryableError (see :func:`exit_code`), else 1."""
     line = json.dumps(summary, sort_keys=True, default=str)
     print(line, flush=True)
     if summary_path:
         with open(summary_path, "w") as handle:
             handle.write(line + "\n")
-    if not summary["ok"]:
-        print(f"{name} FAILED: {summary['error']}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return exit_code(name, summary)

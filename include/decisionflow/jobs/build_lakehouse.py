@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from decisionflow.jobs._app import describe_error, emit_summary, get_session, setup_logging
+from decisionflow.jobs._app import emit_summary, get_session, record_failure, setup_logging
 
 JOB_NAME = "build_lakehouse"
 ENV_LAKE_ROOT = "DECISIONFLOW_LAKE_ROOT"
@@ -113,10 +113,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["tables"] = table_lines(silver_summary, gold_summary)
         summary["ok"] = True
     except QualityGateError as exc:
-        summary["error"] = str(exc)
+        record_failure(summary, exc, str(exc))
         summary["failed_gate"] = {"table": exc.table, "rule": exc.rule, "counts": exc.counts}
-    except Exception as exc:  # noqa: BLE001 - any failure is reported in the summary, then exit 1
-        summary["error"] = describe_error(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported in the summary, then exit 1 (3: not retryable)
+        record_failure(summary, exc)
     finally:
         summary["total_s"] = round(time.monotonic() - started, 2)
         if spark is not None and owned:

@@ -40,6 +40,7 @@ from decisionflow.lakehouse.bronze import (
     ingest,
     root_cause,
 )
+from decisionflow.jobs._app import exit_code, record_failure
 
 ENV_LAKE_ROOT = "DECISIONFLOW_LAKE_ROOT"  # the same names as decisionflow.spark.conf (not imported: no need)
 ENV_KAFKA_BOOTSTRAP = "DECISIONFLOW_KAFKA_BOOTSTRAP_SERVERS"
@@ -144,9 +145,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if summary["errors"]:
             summary["error"] = "; ".join(f"{table}: {message}" for table, message in summary["errors"].items())
     except BronzeError as exc:
-        summary["error"] = str(exc)
-    except Exception as exc:  # noqa: BLE001 - report anything else as a failed run too, then exit 1
-        summary["error"] = root_cause(exc)
+        record_failure(summary, exc, str(exc))
+    except Exception as exc:  # noqa: BLE001 - report anything else as a failed run too, then exit 1 (3: not retryable)
+        record_failure(summary, exc, root_cause(exc))
     finally:
         if spark is not None:
             spark.stop()
@@ -162,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_path:
         with open(args.summary_path, "w") as handle:
             handle.write(line + "\n")
-    if not summary.get("ok"):
-        print(f"{JOB_NAME} FAILED: {summary.get('error')}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return exit_code(JOB_NAME, summary)
 
 
 if __name__ == "__main__":

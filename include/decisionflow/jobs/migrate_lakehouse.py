@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from decisionflow.jobs._app import describe_error, emit_summary, get_session, setup_logging
+from decisionflow.jobs._app import emit_summary, get_session, record_failure, setup_logging
 
 JOB_NAME = "migrate_lakehouse"
 ENV_LAKE_ROOT = "DECISIONFLOW_LAKE_ROOT"
@@ -51,10 +51,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         summary["tables"] = maintenance.migrate(spark, args.lake_root, specs, dry_run=args.dry_run)
         summary["ok"] = True
     except IncompatibleTableError as exc:
-        summary["error"] = str(exc)
+        record_failure(summary, exc, str(exc))
         summary["incompatible"] = {"table": exc.table, "column": exc.column}
-    except Exception as exc:  # noqa: BLE001
-        summary["error"] = describe_error(exc)
+    except Exception as exc:  # noqa: BLE001 - reported in the summary, then exit 1 (3: not retryable)
+        record_failure(summary, exc)
     finally:
         summary["total_s"] = round(time.monotonic() - started, 2)
         if spark is not None and owned:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from decisionflow.contracts import CASE_NOTES, LABELS, SOURCE_TOPICS, TRANSACTIONS
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -140,7 +141,7 @@ class BronzeError(RuntimeError):
     """Bronze ingestion cannot run as asked; the message names the cause and the remedy."""
 
 
-class TopicMissingError(BronzeError):
+class TopicMissingError(NonRetryableError, BronzeError):
     """A source topic does not exist on the broker (auto-create is off on purpose)."""
 
     def __init__(self, topics: Iterable[str], bootstrap_servers: str):
@@ -154,7 +155,7 @@ class TopicMissingError(BronzeError):
         )
 
 
-class CheckpointWithoutTableError(BronzeError):
+class CheckpointWithoutTableError(NonRetryableError, BronzeError):
     """A checkpoint says batches were written, but the Delta table it wrote them to is gone."""
 
     def __init__(self, table: str, checkpoint: str):

@@ -34,6 +34,7 @@ from decisionflow.lakehouse.tables import (
     plan_migration,
     tables,
 )
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RETENTION_HOURS = 168.0
 
 
-class RetentionError(ValueError):
+class RetentionError(NonRetryableError, ValueError):
     """A VACUUM retention below the safe minimum without the explicit override."""
 
 

@@ -35,6 +35,7 @@ from decisionflow.lakehouse.tables import (
     table,
     tables,
 )
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 
-class QualityGateError(RuntimeError):
+class QualityGateError(NonRetryableError, RuntimeError):
     """A quality gate failed; ``table``, ``rule`` and ``counts`` say which and what was seen."""
 
     def __init__(self, table: str, rule: str, counts: Mapping[str, Any], detail: str = ""):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from decisionflow.exceptions import NonRetryableError
 
 __all__ = [
     "AddColumn",
@@ -260,7 +261,7 @@ def _quote(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("'", "\\'")
 
 
-class IncompatibleTableError(RuntimeError):
+class IncompatibleTableError(NonRetryableError, RuntimeError):
     """An existing table cannot be brought to its declaration; names the table and (when known) the column."""
 
     def __init__(self, table: str, column: str | None, problem: str):

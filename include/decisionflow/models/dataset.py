@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from decisionflow.models.config import TrainingConfig
+from decisionflow.exceptions import NonRetryableError
 
 __all__ = [
     "SPLIT_NAMES",
@@ -34,7 +35,7 @@ SPLIT_NAMES: tuple[str, ...] = ("train", "validation", "holdout")
 _MAX_LISTED = 10  # values or columns quoted in one error message
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(NonRetryableError, ValueError):
     """The training data cannot be trained on; the message names the column, values or split at fault."""
 
 

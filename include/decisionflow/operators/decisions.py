@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from decisionflow import constants
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
@@ -67,7 +68,7 @@ def outbox_deliverers(kafka_conn_id: str, webhook_conn_id: str, log: Any) -> tup
     return channels, hook
 
 
-class DecisionRunOperator(BaseOperator):
+class DecisionRunOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Decide every gold transaction that has no decision yet, once: the LangGraph decision graph
     (:mod:`decisionflow.decisions.graph`) with a checkpoint per Airflow run.
@@ -94,6 +95,8 @@ class DecisionRunOperator(BaseOperator):
     :param decisions_asset: the asset whose event carries the run's summary (mix, model and policy versions).
     :param checkpoint_path: the SQLite checkpoint file (default ``$DECISIONFLOW_DATA/decisions/checkpoints.sqlite``).
     """
+
+    layer = "decisions"
 
     template_fields = ("max_transactions", "policy_path")
 
@@ -139,7 +142,6 @@ class DecisionRunOperator(BaseOperator):
         from decisionflow import config
         from decisionflow.decisions.graph import (
             DecisionContext,
-            DecisionRunError,
             MlflowModelSource,
             run_decisions,
             sqlite_checkpointer,
@@ -152,7 +154,13 @@ class DecisionRunOperator(BaseOperator):
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
         lake = LakeHook(self.lake_conn_id)
         policy = Policy.load(self.policy_path)
-        max_transactions = int(self.max_transactions) if self.max_transactions not in (None, "", "None") else None
+        try:
+            max_transactions = (int(self.max_transactions) if self.max_transactions not in (None, "", "None")
+                                else None)
+        except (TypeError, ValueError) as exc:
+            from decisionflow.exceptions import ParamsError
+
+            raise ParamsError(f"max_transactions must be an integer or empty, got {self.max_transactions!r}") from exc
         ctx = DecisionContext(
             run_id=run_id, lake_root=lake.root, storage_options=lake.storage_options or None,
             work_dir=config.data_dir() / "decisions" / "runs" / _safe(f"{dag_id}__{run_id}"),
@@ -163,18 +171,12 @@ class DecisionRunOperator(BaseOperator):
             brain=brain_from_connection(self.llm_conn_id),
         )
         checkpoints = self.checkpoint_path or str(config.data_dir() / "decisions" / "checkpoints.sqlite")
-        try:
-            with sqlite_checkpointer(checkpoints) as saver:
-                state = run_decisions(ctx, saver, thread_id=f"{dag_id}/{run_id}")
-        except DecisionRunError as exc:
-            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
-
-            if exc.not_ready:
-                # A fresh stack: no gold or no champion yet. Nothing is decided (never a silent approve); the
-                # transactions wait for the run that follows the first promotion (the DAG runs on it).
-                raise AirflowSkipException(str(exc)) from exc
-            # The same cause fails the same way on every retry: do not burn retries.
-            raise AirflowFailException(str(exc)) from exc
+        # DecisionRunError is a NonRetryableError: the operator base fails the task without retries (the same
+        # cause fails the same way on every try); one with not_ready (a fresh stack: no gold or no champion yet)
+        # becomes a skip -- nothing is decided, never a silent approve, and the transactions wait for the run that
+        # follows the first promotion (the DAG runs on it).
+        with sqlite_checkpointer(checkpoints) as saver:
+            state = run_decisions(ctx, saver, thread_id=f"{dag_id}/{run_id}")
         summary = {
             "run_id": run_id, "transactions": state.get("transactions", 0), "mix": state.get("mix", {}),
             "recorded": state.get("recorded", 0), "review_queued": state.get("review_queued", 0),
@@ -192,7 +194,7 @@ class DecisionRunOperator(BaseOperator):
         return summary
 
 
-class ImportOnlineDecisionsOperator(BaseOperator):
+class ImportOnlineDecisionsOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Bring the decisions the online gateway made (``POST /v1/decisions``, published to the ``decisions`` topic
     with the header ``origin: online``) into the audit trail ``gold/decisions``, exactly once
@@ -217,6 +219,8 @@ class ImportOnlineDecisionsOperator(BaseOperator):
         taken at the start; then what was read is committed and the task fails (the downstream ``decide`` must
         not run on an incomplete import), its retry going on from the committed offsets.
     """
+
+    layer = "decisions"
 
     template_fields = ("topic",)
 
@@ -258,7 +262,7 @@ class ImportOnlineDecisionsOperator(BaseOperator):
         return report.as_dict()
 
 
-class EvaluateDecisionsOperator(BaseOperator):
+class EvaluateDecisionsOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Score the decisions made so far against the labels known now (and, on generated data, the generator's
     hidden truth), beside two baselines -- approve everything, and the model's thresholds alone -- and log an
@@ -271,6 +275,8 @@ class EvaluateDecisionsOperator(BaseOperator):
         none found means labels only.
     :param experiment: MLflow experiment of the evaluation runs.
     """
+
+    layer = "decisions"
 
     def __init__(self, *, lake_conn_id: str = "lake_default", mlflow_conn_id: str = "mlflow_default",
                  policy_path: str = DEFAULT_POLICY, truth_glob: str = "generator/truth*.jsonl",

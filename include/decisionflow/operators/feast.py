@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from decisionflow import constants
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
@@ -18,7 +19,7 @@ INTERVAL_RUN_TYPES = ("scheduled", "backfill")
 WINDOWS = ("auto", "data_interval", "changes")
 
 
-class FeastApplyOperator(BaseOperator):
+class FeastApplyOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Apply the feature repo to the registry and online store -- ``feast apply`` without a yaml file; idempotent.
 
@@ -28,6 +29,8 @@ class FeastApplyOperator(BaseOperator):
     :param lake_conn_id: Airflow connection (type ``delta_lake``) whose root the Delta sources live under.
     :param skip_source_validation: do not check that the sources exist (e.g. before the first gold build).
     """
+
+    layer = "feast"
 
     def __init__(self, *, feast_conn_id: str = "feast_default", lake_conn_id: str = "lake_default",
                  skip_source_validation: bool = False, **kwargs) -> None:
@@ -45,7 +48,7 @@ class FeastApplyOperator(BaseOperator):
         return applied
 
 
-class FeastMaterializeOperator(BaseOperator):
+class FeastMaterializeOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Materialize online feature views for a window of event time, in bounded chunks, safe to clear and rerun.
 
@@ -74,6 +77,8 @@ class FeastMaterializeOperator(BaseOperator):
     :param feast_conn_id: Airflow connection (type ``feast``).
     :param lake_conn_id: Airflow connection (type ``delta_lake``), for the Delta tables' storage options.
     """
+
+    layer = "feast"
 
     template_fields: Sequence[str] = ("feature_views", "window", "start", "end")
 
@@ -176,7 +181,9 @@ class FeastMaterializeOperator(BaseOperator):
     # -- helpers --------------------------------------------------------------------------------------------
     def _mode(self, context: Context) -> str:
         if self.window not in WINDOWS:
-            raise ValueError(f"window must be one of {WINDOWS}, got {self.window!r}")
+            from decisionflow.exceptions import ParamsError
+
+            raise ParamsError(f"window must be one of {WINDOWS}, got {self.window!r}")
         if self.start not in (None, "") or self.end not in (None, ""):
             return "explicit"
         if self.window != "auto":
@@ -207,7 +214,7 @@ class FeastMaterializeOperator(BaseOperator):
                                        f"{type(source).__name__} {getattr(source, 'path', '')}")
         return source.path
 
-class BuildTrainingSetOperator(BaseOperator):
+class BuildTrainingSetOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Write the point-in-time training set of a feature service to parquet, with its lineage, for training.
 
@@ -223,6 +230,8 @@ class BuildTrainingSetOperator(BaseOperator):
     :param feast_conn_id: Airflow connection (type ``feast``).
     :param lake_conn_id: Airflow connection (type ``delta_lake``) with the lake root.
     """
+
+    layer = "feast"
 
     template_fields: Sequence[str] = ("feature_service", "label_maturity_days", "as_of", "output_dir")
 
@@ -246,19 +255,18 @@ class BuildTrainingSetOperator(BaseOperator):
         from decisionflow.hooks.feast import FeastHook
         from decisionflow.hooks.lake import LakeHook
 
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from decisionflow.exceptions import NotReadyError
+        from decisionflow.exceptions import ParamsError
 
         lake = LakeHook(self.lake_conn_id)
         store = FeastHook(self.feast_conn_id, lake_conn_id=self.lake_conn_id).get_store()
         try:
-            training = build_training_set(
-                store, lake.root, feature_service=self.feature_service,
-                as_of=utc(self.as_of) if self.as_of else None,
-                label_maturity_days=float(self.label_maturity_days), storage_options=lake.storage_options or None)
-        except NotReadyError as exc:  # a fresh platform (no gold yet): nothing to train on, not a failure
-            raise AirflowSkipException(str(exc)) from exc
+            maturity = float(self.label_maturity_days)
+        except (TypeError, ValueError) as exc:
+            raise ParamsError(f"label_maturity_days must be a number, got {self.label_maturity_days!r}") from exc
+        # a fresh platform (no silver yet) raises NotReadyError: the operator base turns it into a skip
+        training = build_training_set(
+            store, lake.root, feature_service=self.feature_service, as_of=utc(self.as_of) if self.as_of else None,
+            label_maturity_days=maturity, storage_options=lake.storage_options or None)
         run_dir = Path(self.output_dir or config.data_dir() / "training", context["dag"].dag_id,
                        _safe(context["run_id"]))
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
 
 
-class KafkaEnsureTopicsOperator(BaseOperator):
+class KafkaEnsureTopicsOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Create the platform's topics (and their dead-letter topics) if missing; idempotent.
 
@@ -22,6 +23,8 @@ class KafkaEnsureTopicsOperator(BaseOperator):
     :param topics: names to ensure; ``None`` means every declared topic.
     :param kafka_config_id: Airflow connection (type ``kafka``).
     """
+
+    layer = "kafka"
 
     template_fields: Sequence[str] = ("topics",)
 
@@ -50,7 +53,7 @@ class KafkaEnsureTopicsOperator(BaseOperator):
         return results
 
 
-class KafkaBacklogCheckOperator(BaseOperator):
+class KafkaBacklogCheckOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Let an ingestion run go on only when the source topics hold messages that bronze does not; else *skip*
     (and with it the Spark job and ``record_progress`` downstream: the run ends a success, doing nothing).
@@ -69,6 +72,8 @@ class KafkaBacklogCheckOperator(BaseOperator):
     :param kafka_config_id: Airflow connection (type ``kafka``).
     :param broker_wait_s: how long broker errors are retried (every 2 s) before the task fails.
     """
+
+    layer = "kafka"
 
     template_fields: Sequence[str] = ("topics", "progress_group")
 
@@ -123,7 +128,7 @@ class KafkaBacklogCheckOperator(BaseOperator):
         return {"backlog": backlog, "partitions": partitions}
 
 
-class RecordBronzeProgressOperator(BaseOperator):
+class RecordBronzeProgressOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Commit, per source partition, "bronze holds everything before this offset" to a marker consumer group,
     and announce the bronze assets only when bronze grew since their last announcement.
@@ -144,6 +149,8 @@ class RecordBronzeProgressOperator(BaseOperator):
     :param kafka_config_id: Airflow connection (type ``kafka``).
     :param lake_conn_id: Airflow connection (type ``delta_lake``) with the lake root.
     """
+
+    layer = "kafka"
 
     template_fields: Sequence[str] = ("tables", "progress_group")
 

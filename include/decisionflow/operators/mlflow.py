@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from decisionflow import constants
+from decisionflow.exceptions import ParamsError
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -33,7 +35,7 @@ def _as_bool(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise ValueError(f"{name} must be a boolean, got {value!r}")
+    raise ParamsError(f"{name} must be a boolean, got {value!r}")
 
 
 def _as_mapping(value: Any, name: str) -> dict[str, Any]:
@@ -44,9 +46,9 @@ def _as_mapping(value: Any, name: str) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{name} must be a mapping or a JSON object, got {value!r}: {exc}") from exc
+            raise ParamsError(f"{name} must be a mapping or a JSON object, got {value!r}: {exc}") from exc
     if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a mapping, got {type(value).__name__}")
+        raise ParamsError(f"{name} must be a mapping, got {type(value).__name__}")
     return dict(value)
 
 
@@ -67,7 +69,7 @@ def _client(conn_id: str):
     return MlflowHook(mlflow_conn_id=conn_id).get_client()
 
 
-class TrainRiskModelOperator(BaseOperator):
+class TrainRiskModelOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Train the transaction-risk model (calibrated LightGBM) and its logistic baseline, and record the run in MLflow.
 
@@ -108,6 +110,8 @@ class TrainRiskModelOperator(BaseOperator):
     :param mlflow_conn_id: Airflow connection of the MLflow server (type ``mlflow``). Defaults to
         ``mlflow_default``.
     """
+
+    layer = "mlflow"
 
     template_fields: Sequence[str] = ("training_set_path", "experiment_name", "feature_columns", "training_config",
                                       "feature_service_name", "lineage", "shuffle_labels")
@@ -219,7 +223,7 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-class RegisterModelOperator(BaseOperator):
+class RegisterModelOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Register the model of a training run as a version of a registered model and alias it ``challenger``.
 
@@ -235,6 +239,8 @@ class RegisterModelOperator(BaseOperator):
     :param mlflow_conn_id: Airflow connection of the MLflow server (type ``mlflow``). Defaults to
         ``mlflow_default``.
     """
+
+    layer = "mlflow"
 
     template_fields: Sequence[str] = ("run_id", "model_name")
     ui_color = "#e3eefc"
@@ -259,7 +265,7 @@ class RegisterModelOperator(BaseOperator):
         return registered.as_dict()
 
 
-class PromotionGateOperator(BaseOperator):
+class PromotionGateOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Compare the ``challenger`` version of a registered model with the ``champion`` and promote it if it wins.
 
@@ -284,6 +290,8 @@ class PromotionGateOperator(BaseOperator):
         ``mlflow_default``.
     """
 
+    layer = "mlflow"
+
     template_fields: Sequence[str] = ("model_name", "metric", "margin")
     ui_color = "#e3eefc"
 
@@ -301,7 +309,7 @@ class PromotionGateOperator(BaseOperator):
         try:
             margin = float(self.margin)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"margin must be a number, got {self.margin!r}") from exc
+            raise ParamsError(f"margin must be a number, got {self.margin!r}") from exc
         client = _client(self.mlflow_conn_id)
         decision = run_promotion_gate(client, self.model_name, metric=self.metric, margin=margin)
         aliases = model_aliases(client, self.model_name)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -21,7 +22,7 @@ def _import_hook(path: str):
         raise ValueError(f"hook_class {path!r} cannot be imported: {exc}") from exc
 
 
-class LayerCheckOperator(BaseOperator):
+class LayerCheckOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Run one layer's end-to-end self-check (``platform_check()`` of a decisionflow hook).
 

@@ -14,6 +14,7 @@ from airflow.sdk import BaseOperator, Param
 
 from decisionflow import constants
 from decisionflow.operators.decisions import DEFAULT_POLICY  # one shipped-policy path for every operator
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -27,7 +28,7 @@ def _note_param() -> dict[str, Param]:
                           description="Optional: what you found. It becomes a case note of this transaction.")}
 
 
-class ReviewCaseOperator(HITLOperator):
+class ReviewCaseOperator(DecisionflowOperatorMixin, HITLOperator):
     """
     One review case as a human-in-the-loop task: the subject and the Markdown body are built from the case's
     audit row (transaction, score and band, reason codes, top similar cases with their outcomes, the escalation
@@ -46,6 +47,8 @@ class ReviewCaseOperator(HITLOperator):
     :param kwargs: the rest of :class:`~airflow.providers.standard.operators.hitl.HITLOperator`'s arguments
         (``assigned_users``, ``notifiers``, ...) and BaseOperator's.
     """
+
+    layer = "review"
 
     template_fields = (*HITLOperator.template_fields, "case")
 
@@ -93,7 +96,7 @@ def kafka_ports(kafka_conn_id: str, webhook_conn_id: str, log) -> tuple[list, An
     return deliverers, KafkaReviewEvents(dict(hook.config), ensure_topic=exists)
 
 
-class ApplyReviewOperator(BaseOperator):
+class ApplyReviewOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Apply the answer of a :class:`ReviewCaseOperator` task once (:func:`decisionflow.decisions.review.apply_review`):
     the audit row's review columns, the queue row, the answer's actions through the outbox, the label on
@@ -110,6 +113,8 @@ class ApplyReviewOperator(BaseOperator):
     :param webhook_conn_id: HTTP connection of the actions webhook (off when it does not exist).
     """
 
+    layer = "review"
+
     template_fields = ("case", "answer")
 
     def __init__(self, *, case: Mapping[str, Any] | Any, answer: Mapping[str, Any] | Any,
@@ -125,22 +130,18 @@ class ApplyReviewOperator(BaseOperator):
         self.webhook_conn_id = webhook_conn_id
 
     def execute(self, context: Context) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from decisionflow.decisions.policy import Policy
-        from decisionflow.decisions.review import ReviewAnswer, ReviewError, ReviewPorts, apply_review
+        from decisionflow.decisions.review import ReviewAnswer, ReviewPorts, apply_review
         from decisionflow.hooks.lake import LakeHook
 
         lake = LakeHook(self.lake_conn_id)
         policy = Policy.load(self.policy_path)
-        try:
-            answer = ReviewAnswer.from_hitl(str(self.case["decision_id"]), dict(self.answer or {}),
-                                            review_run_id=context["run_id"])
-            deliverers, events = kafka_ports(self.kafka_conn_id, self.webhook_conn_id, self.log)
-            result = apply_review(lake.root, answer, policy, ReviewPorts(deliverers=deliverers, events=events),
-                                  storage_options=lake.storage_options or None)
-        except ReviewError as exc:
-            # the same answer fails the same way on every retry: do not burn retries
-            raise AirflowFailException(str(exc)) from exc
+        # ReviewError is a NonRetryableError (the same answer fails the same way on every retry): the operator
+        # base fails the task without burning retries
+        answer = ReviewAnswer.from_hitl(str(self.case["decision_id"]), dict(self.answer or {}),
+                                        review_run_id=context["run_id"])
+        deliverers, events = kafka_ports(self.kafka_conn_id, self.webhook_conn_id, self.log)
+        result = apply_review(lake.root, answer, policy, ReviewPorts(deliverers=deliverers, events=events),
+                              storage_options=lake.storage_options or None)
         self.log.info("applied: %s", result.as_dict())
         return result.as_dict()

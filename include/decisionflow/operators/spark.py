@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from decisionflow.exceptions import NonRetryableError
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -13,7 +15,19 @@ if TYPE_CHECKING:
 DEFAULT_DRIVER_MEMORY = "1g"  # kept equal to decisionflow.spark.conf.DEFAULT_DRIVER_MEMORY (not imported: parse speed)
 
 
-class DeltaSparkSubmitOperator(SparkSubmitOperator):
+class SparkJobError(RuntimeError):
+    """A decisionflow Spark application failed; ``cause`` is the application's own error line."""
+
+    def __init__(self, application: str, layer: str, cause: str, remedy: str = "") -> None:
+        self.application, self.layer, self.cause, self.remedy = application, layer, cause, remedy
+        super().__init__(f"[{layer}] Spark job {application}: {cause}" + (f" -- remedy: {remedy}" if remedy else ""))
+
+
+class NonRetryableSparkJobError(NonRetryableError, SparkJobError):
+    """A decisionflow Spark application ended on a :class:`~decisionflow.exceptions.NonRetryableError`."""
+
+
+class DeltaSparkSubmitOperator(DecisionflowOperatorMixin, SparkSubmitOperator):
     """
     Run a Spark application against the decisionflow lake and Kafka with ``spark-submit``.
 
@@ -53,6 +67,8 @@ class DeltaSparkSubmitOperator(SparkSubmitOperator):
     :param kwargs: Everything else :class:`SparkSubmitOperator` accepts (``application_args``, ``env_vars``,
         ``conn_id``, ``py_files``, ``verbose``...) and the usual ``BaseOperator`` arguments.
     """
+
+    layer = "spark"
 
     template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "lake_conn_id", "kafka_config_id")
     ui_color = "#fdf1e3"
@@ -113,10 +129,52 @@ class DeltaSparkSubmitOperator(SparkSubmitOperator):
         self._submit_prepared = True
         self.log.info("Lake root: %s; Kafka bootstrap: %s; %d connector jar(s)", lake_root, kafka_bootstrap, len(jar_list))
 
+    def _get_hook(self):
+        """The provider's hook, its spark-submit output also read for the application's verdict lines."""
+        hook = super()._get_hook()
+        process = hook._process_spark_submit_log
+        seen: dict[str, Any] = {}
+
+        def watch(lines):
+            from decisionflow.exceptions import NON_RETRYABLE_MARKER, parse_non_retryable_marker
+
+            for line in lines:
+                if NON_RETRYABLE_MARKER in line:
+                    seen["non_retryable"] = parse_non_retryable_marker(line)
+                elif " FAILED: " in line:
+                    seen["failed"] = line.strip().split(" FAILED: ", 1)[1]
+                yield line
+
+        hook._process_spark_submit_log = lambda itr: process(watch(itr))
+        hook._decisionflow_verdict = seen
+        return hook
+
     def execute(self, context: Context) -> None:
-        """Prepare the Delta + Kafka setup, then spark-submit exactly as the provider's operator does."""
+        """Prepare the Delta + Kafka setup, then spark-submit exactly as the provider's operator does.
+
+        When the application failed, the task fails with its own error line rather than spark-submit's command
+        line: :class:`SparkJobError` (retried), or :class:`NonRetryableSparkJobError` (not retried) when the job
+        ended on a :class:`~decisionflow.exceptions.NonRetryableError` (its marker line, or exit code
+        :data:`~decisionflow.exceptions.EXIT_NON_RETRYABLE`).
+        """
+        from airflow.exceptions import AirflowException
+
         self.prepare_submit()
-        return super().execute(context)
+        try:
+            return super().execute(context)
+        except AirflowException as exc:
+            from decisionflow.exceptions import EXIT_NON_RETRYABLE, REMEDY_NON_RETRYABLE, Failure
+
+            seen = getattr(self._hook, "_decisionflow_verdict", None) or {}
+            process = getattr(self._hook, "_submit_sp", None)
+            failure = seen.get("non_retryable")
+            if failure is None and getattr(process, "returncode", None) == EXIT_NON_RETRYABLE:
+                failure = Failure("spark", seen.get("failed") or str(exc), REMEDY_NON_RETRYABLE, True)
+            if failure is not None:
+                raise NonRetryableSparkJobError(self.name, failure.layer, failure.cause, failure.remedy) from exc
+            if seen.get("failed"):
+                raise SparkJobError(self.name, "spark", seen["failed"], "") from exc
+            raise
 
 
 class DeltaMigrateOperator(DeltaSparkSubmitOperator):

@@ -8,12 +8,13 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from decisionflow.constants import CASE_NOTES_COLLECTION
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Asset, Context
 
 
-class MilvusSyncOperator(BaseOperator):
+class MilvusSyncOperator(DecisionflowOperatorMixin, BaseOperator):
     """
     Sync ``silver/case_notes`` (with the latest ``silver/labels`` outcome of each note's event) into a Milvus
     collection: idempotent upserts by ``note_id``, deletes of notes no longer in silver, bounded batches.
@@ -41,6 +42,8 @@ class MilvusSyncOperator(BaseOperator):
     :return: the sync's counts (``notes_in_silver``, ``upserted``, ``inserted``, ``outcome_updates``,
         ``deleted``, ``unchanged``, ``encoded``, ``skipped``, ``watermark``, ``seconds``).
     """
+
+    layer = "milvus"
 
     template_fields: Sequence[str] = ("full", "recreate")
 
@@ -92,18 +95,12 @@ class MilvusSyncOperator(BaseOperator):
         self.log.info("syncing %s/%s into Milvus %s collection %r (watermark %s, full=%s, recreate=%s)",
                       lake.root, "silver/case_notes", MilvusHook(self.milvus_conn_id).uri, self.collection,
                       watermark, full, recreate)
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from decisionflow.exceptions import NotReadyError
-
-        try:
-            with MilvusHook(self.milvus_conn_id).client() as client:
-                report = sync_case_notes(
-                    client, lake.root, embedder, storage_options=lake.storage_options or None,
-                    collection=self.collection, watermark=watermark, full=full, recreate=recreate,
-                    batch_size=self.batch_size, log=self.log.info)
-        except NotReadyError as exc:  # a fresh platform: nothing to sync yet, not a failure
-            raise AirflowSkipException(str(exc)) from exc
+        # a fresh platform (no silver yet) raises NotReadyError: the operator base turns it into a skip
+        with MilvusHook(self.milvus_conn_id).client() as client:
+            report = sync_case_notes(
+                client, lake.root, embedder, storage_options=lake.storage_options or None,
+                collection=self.collection, watermark=watermark, full=full, recreate=recreate,
+                batch_size=self.batch_size, log=self.log.info)
         result = report.as_dict()
         if self.synced_asset is not None and context.get("outlet_events") is not None:
             context["outlet_events"][self.synced_asset].extra = {

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -173,7 +174,7 @@ class AirflowSettings:
         raise KeyError(key)
 
 
-class SettingsError(ValueError):
+class SettingsError(NonRetryableError, ValueError):
     """The settings file is missing or invalid. ``errors`` holds one message per problem, each naming
     the file (and line), the entry and the field; ``str(exc)`` is all of them, one per line."""
 

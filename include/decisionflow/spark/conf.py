@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from decisionflow import config
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -45,7 +46,7 @@ DEFAULT_SHUFFLE_PARTITIONS = 4
 FAST_START_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
 
-class MissingJarsError(FileNotFoundError):
+class MissingJarsError(NonRetryableError, FileNotFoundError):
     """The Spark connector jars (Delta, Kafka) are not where ``make jars`` puts them."""
 
     def __init__(self, folder: Path, missing: Iterable[str]):

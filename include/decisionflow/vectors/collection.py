@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from decisionflow.constants import CASE_NOTES_COLLECTION
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from pymilvus import MilvusClient
@@ -70,7 +71,7 @@ FIELDS: dict[str, tuple[str, int | None]] = {
 SCALAR_FIELDS = [f for f, (t, _) in FIELDS.items() if t in ("VARCHAR", "INT64") and f != TEXT_FIELD]
 
 
-class CollectionSchemaError(RuntimeError):
+class CollectionSchemaError(NonRetryableError, RuntimeError):
     """An existing collection does not match the spec (other dim, missing field, no BM25 function)."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from decisionflow.exceptions import NonRetryableError
 
 __all__ = [
     "DEFAULT_EMBEDDER",
@@ -38,7 +39,7 @@ __all__ = [
 ]
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(NonRetryableError, RuntimeError):
     """The embedding layer cannot work: the message names the model, the file and the remedy."""
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from decisionflow.constants import CASE_NOTES_COLLECTION, SILVER_CASE_NOTES_TABLE, SILVER_LABELS_TABLE
-from decisionflow.exceptions import NotReadyError
+from decisionflow.exceptions import NonRetryableError, NotReadyError
 from decisionflow.vectors.collection import DENSE_FIELD, PRIMARY_FIELD, truncate_utf8
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ LABEL_COLUMNS = ["event_id", "label", "source", "labelled_at"]
 UNKNOWN = "unknown"
 
 
-class SyncError(RuntimeError):
+class SyncError(NonRetryableError, RuntimeError):
     """The sync cannot run: the message names the table or collection and the remedy."""
 
 
