@@ -24,6 +24,7 @@ from airflow.sdk import DAG
 
 import decisionflow.jobs
 from decisionflow.assets import BRONZE, GOLD, SILVER_CASE_NOTES, SILVER_LABELS, SILVER_TRANSACTIONS
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.spark import DeltaMigrateOperator, DeltaSparkSubmitOperator
 
 JOBS = Path(decisionflow.jobs.__file__).parent
@@ -37,7 +38,7 @@ with DAG(
     max_active_runs=1,
     doc_md=__doc__,
     tags=["decisionflow", "lakehouse", "silver", "gold"],
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"}),
 ) as dag:
     migrate = DeltaMigrateOperator(task_id="migrate")
     silver = DeltaSparkSubmitOperator(

@@ -29,6 +29,7 @@ from airflow.timetables.trigger import CronTriggerTimetable
 
 import decisionflow.jobs
 from decisionflow.assets import BRONZE, BRONZE_TABLES, KAFKA_EVENTS, SOURCE_TOPICS
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.kafka import (
     KafkaBacklogCheckOperator,
     KafkaEnsureTopicsOperator,
@@ -49,7 +50,7 @@ with DAG(
     tags=["decisionflow", "lakehouse", "bronze", "kafka"],
     # Records per micro-batch and topic: bounds memory and what a crash re-reads ("Trigger DAG w/ config").
     params={"max_offsets_per_trigger": 200_000},
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "data-platform"}),
 ) as dag:
     ensure_topics = KafkaEnsureTopicsOperator(task_id="ensure_topics")
     check_backlog = KafkaBacklogCheckOperator(task_id="check_backlog", topics=SOURCE_TOPICS)

@@ -19,6 +19,7 @@ import pendulum
 from airflow.sdk import DAG
 
 import decisionflow.jobs
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.spark import DeltaSparkSubmitOperator
 
 JOB = str(Path(decisionflow.jobs.__file__).parent / "maintain_lakehouse.py")
@@ -33,7 +34,7 @@ with DAG(
     doc_md=__doc__,
     tags=["decisionflow", "lakehouse", "maintenance", "quality"],
     params={"retention_hours": 168},
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "data-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(minutes=2), "owner": "data-platform"}),
 ) as dag:
     compact_and_vacuum = DeltaSparkSubmitOperator(
         task_id="compact_and_vacuum",

@@ -23,6 +23,7 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, Param
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from decisionflow.assets import FEATURES_FRESH, GOLD
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.feast import FeastApplyOperator, FeastMaterializeOperator
 
 with DAG(
@@ -41,7 +42,7 @@ with DAG(
         "start": Param(None, type=["null", "string"], description="window start, ISO 8601 (with end)"),
         "end": Param(None, type=["null", "string"], description="window end, ISO 8601 (with start)"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"}),
 ) as dag:
     apply_feature_repo = FeastApplyOperator(task_id="apply_feature_repo")
     materialize = FeastMaterializeOperator(

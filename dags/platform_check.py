@@ -27,10 +27,13 @@ import pendulum
 from airflow.sdk import DAG
 
 import decisionflow.jobs
+from decisionflow.notifications.failure import FailureNotifier, failure_alerts
 from decisionflow.operators.platform import LayerCheckOperator, layer_failure_callback
 from decisionflow.operators.spark import DeltaSparkSubmitOperator
 
 JOBS_DIR = Path(decisionflow.jobs.__file__).parent
+SPARK_REMEDY = ("check the spark-submit output above; `make jars` if a class is missing; the lake root in connection "
+                "lake_default must be writable")
 
 with DAG(
     dag_id="platform_check",
@@ -42,8 +45,8 @@ with DAG(
     doc_md=__doc__,
     tags=["decisionflow", "platform", "on-call"],
     # A hung layer must fail (and say so), not hold on-call hostage: every check is bounded.
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=15), "owner": "platform",
-                  "execution_timeout": timedelta(minutes=10)},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=15), "owner": "platform",
+                                 "execution_timeout": timedelta(minutes=10)}),
 ) as dag:
     kafka = LayerCheckOperator(task_id="kafka", hook_class="decisionflow.hooks.kafka.KafkaHook",
                                conn_id="kafka_default")
@@ -51,9 +54,9 @@ with DAG(
         task_id="spark_delta",
         application=str(JOBS_DIR / "platform_check_lakehouse.py"),
         name="platform_check_lakehouse",
-        on_failure_callback=layer_failure_callback(
-            "spark+delta", "check the spark-submit output above; `make jars` if a class is missing; "
-            "the lake root in connection lake_default must be writable"),
+        # its own callback overrides default_args': keep the alert beside the three log lines
+        on_failure_callback=[layer_failure_callback("spark+delta", SPARK_REMEDY),
+                             FailureNotifier(layer="spark+delta", remedy=SPARK_REMEDY)],
     )
     mlflow = LayerCheckOperator(task_id="mlflow", hook_class="decisionflow.hooks.mlflow.MlflowHook",
                                 conn_id="mlflow_default")

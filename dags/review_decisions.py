@@ -29,6 +29,7 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, Param, task, task_group
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from decisionflow.assets import DECISIONS
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.review import DEFAULT_POLICY, ApplyReviewOperator, ReviewCaseOperator
 
 with DAG(
@@ -44,7 +45,7 @@ with DAG(
         "tasks": Param(None, type=["null", "integer"], minimum=0,
                        description="review tasks to raise in this run (default: the policy's tasks_per_run)"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "risk-decisions"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "risk-decisions"}),
 ) as dag:
 
     @task(execution_timeout=timedelta(minutes=10))

@@ -34,6 +34,7 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, Param
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from decisionflow.assets import DECISIONS, GOLD, MODEL_CHAMPION
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.decisions import (
     DecisionRunOperator,
     EvaluateDecisionsOperator,
@@ -57,7 +58,7 @@ with DAG(
         "max_transactions": Param(None, type=["null", "integer"], minimum=1,
                                   description="decide at most this many transactions in this run"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "risk-decisions"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=20), "owner": "risk-decisions"}),
 ) as dag:
     import_online = ImportOnlineDecisionsOperator(task_id="import_online", execution_timeout=timedelta(minutes=20))
     decide = DecisionRunOperator(

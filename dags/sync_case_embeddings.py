@@ -26,6 +26,7 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, Param
 from airflow.timetables.trigger import CronTriggerTimetable
 
 from decisionflow.assets import CASE_EMBEDDINGS, SILVER_CASE_NOTES, SILVER_LABELS
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.vectors import MilvusSyncOperator
 
 with DAG(
@@ -44,7 +45,7 @@ with DAG(
         "full": Param(False, type="boolean", description="re-upsert every note (ignore watermark and hashes)"),
         "recreate": Param(False, type="boolean", description="drop and rebuild the collection first"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(seconds=30), "owner": "ml-platform"}),
 ) as dag:
     sync = MilvusSyncOperator(
         task_id="sync",

@@ -29,6 +29,7 @@ from airflow.timetables.trigger import CronTriggerTimetable
 
 from decisionflow import constants
 from decisionflow.assets import MODEL_CHAMPION
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.feast import BuildTrainingSetOperator
 from decisionflow.operators.mlflow import PromotionGateOperator, RegisterModelOperator, TrainRiskModelOperator
 
@@ -56,7 +57,7 @@ with DAG(
         "margin": Param(0.01, type="number", minimum=0, description="how much better the challenger must be"),
         "shuffle_labels": Param(False, type="boolean", description="drill: train on shuffled labels"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "owner": "ml-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(minutes=1), "owner": "ml-platform"}),
 ) as dag:
     training_set = BuildTrainingSetOperator(
         task_id="build_training_set",

@@ -37,3 +37,8 @@ LLM_CONN_ID = "llm_default"
 
 #: What a reviewer may answer a review case: approve / decline resolve it, escalate hands it on.
 REVIEW_ANSWERS = ("approve", "decline", "escalate")
+
+#: Kafka topic of the failure alerts (decisionflow.notifications.failure.FailureNotifier).
+ALERTS_TOPIC = "platform-alerts"
+#: HTTP connection of the alerts webhook; without it the notifier's webhook channel is off.
+ALERTS_WEBHOOK_CONN_ID = "alerts_webhook"

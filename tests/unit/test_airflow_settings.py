@@ -63,6 +63,7 @@ def test_real_file_parses_without_importing_airflow():
         "milvus_default",
         "feast_default",
         "actions_webhook",
+        "alerts_webhook",
         "lake_default",
     ]
 
@@ -467,7 +468,7 @@ def test_all_errors_reported_together_in_file_order(tmp_path):
 def test_cli_validate_ok(capsys):
     assert main(["validate", "--file", str(REAL_FILE)]) == 0
     out = capsys.readouterr().out
-    assert "OK" in out and "8 connections, 2 pools, 1 variable" in out
+    assert "OK" in out and "9 connections, 2 pools, 1 variable" in out
 
 
 def test_cli_validate_default_file(monkeypatch, tmp_path, capsys):

@@ -12,6 +12,9 @@ Routes:
   ``200 {"ok": true, "duplicate": true, ...}``, only counts the delivery and applies nothing again.
 * ``GET /effects`` - ``{"keys": n, "deliveries": n, "duplicates": n, "effects": [{"key", "decision_id",
   "actions", "deliveries", "applied_at"}, ...]}`` (``?limit=N``, default 1000 listed; the counts cover all).
+* ``POST /alerts`` - a failure alert (JSON object; :mod:`decisionflow.notifications.failure`), kept once per
+  ``Idempotency-Key`` (the alert id; optional); ``200 {"ok": true, "duplicate": bool, "key": ...}``.
+* ``GET /alerts`` - ``{"alerts": n, "items": [<alert>, ...]}``, oldest first (``?limit=N``, default 1000).
 * ``GET /health`` - ``{"ok": true, "keys": n}``.
 * ``POST /control`` - ``{"delay_ms": N}`` makes every later action answer N ms late (a slow downstream, for
   failure tests); ``0`` restores.
@@ -41,6 +44,7 @@ __all__ = ["EffectStore", "WebhookReceiver", "main"]
 log = logging.getLogger(__name__)
 
 ACTIONS_PATH = "/actions"
+ALERTS_PATH = "/alerts"
 CONTROL_PATH = "/control"
 _MAX_BODY = 1 << 20
 
@@ -59,6 +63,27 @@ class EffectStore:
         self._db.execute("""CREATE TABLE IF NOT EXISTS effects (
             key TEXT PRIMARY KEY, decision_id TEXT, actions TEXT, body TEXT NOT NULL,
             applied_at TEXT NOT NULL, deliveries INTEGER NOT NULL DEFAULT 1)""")
+        self._db.execute("""CREATE TABLE IF NOT EXISTS alerts (
+            key TEXT PRIMARY KEY, body TEXT NOT NULL, received_at TEXT NOT NULL,
+            deliveries INTEGER NOT NULL DEFAULT 1)""")
+
+    def add_alert(self, key: str, body: Any) -> bool:
+        """Keep ``key``'s alert unless already kept; True when kept now, False for a duplicate."""
+        with self._lock:
+            cursor = self._db.execute("INSERT OR IGNORE INTO alerts (key, body, received_at) VALUES (?, ?, ?)",
+                                      (key, json.dumps(body), datetime.now(timezone.utc).isoformat()))
+            if cursor.rowcount == 1:
+                return True
+            self._db.execute("UPDATE alerts SET deliveries = deliveries + 1 WHERE key = ?", (key,))
+            return False
+
+    def alerts(self, limit: int | None = 1000) -> dict[str, Any]:
+        """The kept alerts, oldest first (up to ``limit``; None: all) and their count."""
+        with self._lock:
+            count = self._db.execute("SELECT count(*) FROM alerts").fetchone()[0]
+            sql = "SELECT body FROM alerts ORDER BY received_at, rowid"
+            rows = self._db.execute(sql + (f" LIMIT {int(limit)}" if limit is not None else "")).fetchall()
+        return {"alerts": int(count), "items": [json.loads(body) for (body,) in rows]}
 
     def apply(self, key: str, body: dict[str, Any]) -> bool:
         """Apply ``key``'s effect unless already applied; True when applied now, False for a duplicate."""
@@ -109,6 +134,9 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         if parts.path == "/health":
             self._answer(200, {"ok": True, "keys": self.server.store.summary(limit=0)["keys"]})
+        elif parts.path == ALERTS_PATH:
+            limit = parse_qs(parts.query).get("limit", ["1000"])[0]
+            self._answer(200, self.server.store.alerts(limit=None if limit == "all" else int(limit)))
         elif parts.path == "/effects":
             limit = parse_qs(parts.query).get("limit", ["1000"])[0]
             self._answer(200, self.server.store.summary(limit=None if limit == "all" else int(limit)))
@@ -120,6 +148,9 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(min(length, _MAX_BODY)) if length else b""
         if urlsplit(self.path).path == CONTROL_PATH:
             self._control(raw)
+            return
+        if urlsplit(self.path).path == ALERTS_PATH:
+            self._alert(raw)
             return
         if urlsplit(self.path).path != ACTIONS_PATH:
             self._answer(404, {"ok": False, "error": f"no route POST {self.path}"})
@@ -145,6 +176,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._answer(200, {"ok": True, "duplicate": not applied, "key": key})
 
+
+    def _alert(self, raw: bytes) -> None:
+        """``POST /alerts``: keep a failure alert once per ``Idempotency-Key`` (its alert id)."""
+        import uuid
+
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError as exc:
+            self._answer(400, {"ok": False, "error": f"body is not JSON: {exc}"})
+            return
+        if not isinstance(body, dict):
+            self._answer(400, {"ok": False, "error": "body must be a JSON object (the alert)"})
+            return
+        key = self.headers.get("Idempotency-Key") or str(body.get("alert_id") or uuid.uuid4().hex)
+        kept = self.server.store.add_alert(key, body)
+        self._answer(200, {"ok": True, "duplicate": not kept, "key": key})
 
     def _control(self, raw: bytes) -> None:
         """``POST /control {"delay_ms": N}``: answer every action N ms late (0: at once). Loopback only."""
@@ -241,6 +288,15 @@ class WebhookReceiver:
     def drop_next(self, count: int = 1) -> None:
         """Apply the next ``count`` POSTs, then close their connection without an answer."""
         self._require().add_faults(["drop"] * count)
+
+    @property
+    def alerts_url(self) -> str:
+        """The alerts endpoint (``http://host:port/alerts``)."""
+        return self.base_url + ALERTS_PATH
+
+    def alerts(self, limit: int | None = None) -> dict[str, Any]:
+        """What ``GET /alerts`` answers (every alert by default)."""
+        return self.store.alerts(limit=limit)
 
     def effects(self, limit: int | None = None) -> dict[str, Any]:
         """What ``GET /effects`` answers (every effect by default)."""

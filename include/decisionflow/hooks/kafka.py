@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from decisionflow.hooks.base import CheckableHook, LayerCheckError
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Producer
@@ -52,7 +53,7 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class TopicMismatchError(ValueError):
+class TopicMismatchError(NonRetryableError, ValueError):
     """An existing topic does not match what ``ensure_topic`` was asked for (fewer partitions)."""
 
 
@@ -276,6 +277,14 @@ class KafkaHook(CheckableHook):
                 drift[key] = {"wanted": value, "actual": actual}
         return drift
 
+    # -- read-only probe --------------------------------------------------------------------------------
+    def probe(self, timeout: float = 10.0) -> dict[str, Any]:
+        """List the cluster's brokers and topics (metadata only: nothing created, produced or committed)."""
+        metadata = self.admin_client().list_topics(timeout=timeout)
+        topics = sorted(name for name in metadata.topics if not name.startswith("__"))
+        return {"bootstrap_servers": self.bootstrap_servers, "brokers": len(metadata.brokers),
+                "topics": len(topics), "some_topics": topics[:10]}
+
     # -- self-check -------------------------------------------------------------------------------------
     def platform_check(self, timeout: float = 30.0) -> dict[str, Any]:
         """
@@ -317,7 +326,19 @@ class KafkaHook(CheckableHook):
             "round_trip_ms": round((consume_done - started) * 1000, 1),
         }
 
-    def _produce_one(self, topic: str, message_id: str, timeout: float) -> dict[str, Any]:
+    def send(self, topic: str, value: bytes, *, key: bytes | None = None, headers: dict[str, str] | None = None,
+             timeout: float = 30.0) -> dict[str, Any]:
+        """
+        Produce one message with this hook's producer and wait for its acknowledgement.
+
+        :param topic: an existing topic.
+        :param value: the message bytes.
+        :param key: the message key (partitioning), or ``None``.
+        :param headers: message headers (values as text).
+        :param timeout: seconds for the acknowledgement (also the message timeout).
+        :return: ``{"topic", "partition", "offset"}``.
+        :raises LayerCheckError: naming the topic, the cause and the remedy, when it is not acknowledged.
+        """
         delivered: dict[str, Any] = {}
 
         def on_delivery(err: Any, msg: Any) -> None:
@@ -326,17 +347,21 @@ class KafkaHook(CheckableHook):
             else:
                 delivered.update(partition=msg.partition(), offset=msg.offset())
 
-        payload = json.dumps({"id": message_id, "check": "platform_check", "ts": time.time()}).encode()
-        producer = self.producer(**{"message.timeout.ms": int(timeout * 1000)})
+        producer = self.producer(**{"message.timeout.ms": max(1, int(timeout * 1000))})
         try:
-            producer.produce(topic, key=b"platform-check", value=payload, on_delivery=on_delivery)
+            producer.produce(topic, key=key, value=value, on_delivery=on_delivery,
+                             headers=[(k, str(v).encode()) for k, v in (headers or {}).items()] or None)
             remaining = producer.flush(timeout)
         except Exception as exc:  # noqa: BLE001
             raise LayerCheckError(self.layer, f"produce to {topic!r} failed: {exc}", self.remedy) from exc
         if "error" in delivered or remaining or "offset" not in delivered:
             cause = delivered.get("error") or f"not acknowledged within {timeout:.0f}s"
             raise LayerCheckError(self.layer, f"produce to {topic!r} failed: {cause}", self.remedy)
-        return delivered
+        return {"topic": topic, **delivered}
+
+    def _produce_one(self, topic: str, message_id: str, timeout: float) -> dict[str, Any]:
+        payload = json.dumps({"id": message_id, "check": "platform_check", "ts": time.time()}).encode()
+        return self.send(topic, payload, key=b"platform-check", timeout=timeout)
 
     def _consume_until(self, topic: str, message_id: str, timeout: float) -> int:
         """Read ``topic`` from the beginning in a fresh group until ``message_id``; return messages scanned."""

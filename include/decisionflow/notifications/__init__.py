@@ -1,0 +1,1 @@
+"""Notifiers of the decisionflow provider (``BaseNotifier`` subclasses): see :mod:`.failure`."""
