@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from decisionflow import config
 from decisionflow.hooks.base import CheckableHook, LayerCheckError
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -57,7 +58,7 @@ DEFAULT_OFFLINE_STORE = "decisionflow.features.offline_store.DeltaLakeOfflineSto
 HOOK_KEYS = frozenset({"repo_path"})
 
 
-class FeastConfigError(ValueError):
+class FeastConfigError(NonRetryableError, ValueError):
     """The connection cannot be turned into a Feast ``RepoConfig`` (unknown key, bad store, missing extra)."""
 
 
@@ -295,6 +296,28 @@ class FeastHook(CheckableHook):
         return lake.root if lake else None
 
     # -- self-check -----------------------------------------------------------------------------------------
+    def probe(self) -> dict[str, Any]:
+        """Read-only: the connection makes a valid Feast config, the repo folder exists, and -- when the registry
+        exists -- what it lists. Never ``feast apply``, never a folder or registry created."""
+        repo_config = self.get_repo_config()
+        if not self.repo_path.is_dir():
+            raise FeastRepoError(f"feature repo {self.repo_path} (extra.repo_path of {self.feast_conn_id!r}) does "
+                                 "not exist")
+        registry = self.repo_config_dict()["registry"]
+        registry_path = registry if isinstance(registry, str) else registry.get("path", "")
+        summary: dict[str, Any] = {"project": self.project, "repo_path": str(self.repo_path),
+                                   "registry": str(registry_path), "online_store": repo_config.online_store.type}
+        local = registry_path and "://" not in str(registry_path)
+        if local and not Path(registry_path).exists():
+            summary["registry_exists"] = False  # created by the first `feast apply` (materialize_features)
+            return summary
+        from feast import FeatureStore
+
+        store = FeatureStore(config=repo_config)
+        summary["feature_views"] = sorted(view.name for view in store.list_feature_views())
+        summary["feature_services"] = sorted(service.name for service in store.list_feature_services())
+        return summary
+
     def platform_check(self) -> dict[str, Any]:
         """Import feast, apply the repo, list what the registry holds and read once from the online store.
 

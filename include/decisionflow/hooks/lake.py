@@ -112,6 +112,26 @@ class LakeHook(CheckableHook):
         """BaseHook's generic accessor: the lake root."""
         return self.root
 
+    def probe(self) -> dict[str, Any]:
+        """Read-only: a local root exists and is readable (or, not created yet, its nearest existing parent is
+        writable) and which top-level folders it holds; an object-store root is only reported."""
+        root = self.root
+        if not self.is_local:
+            return {"root": root, "kind": "object-store", "probed": False,
+                    "storage_options": sorted(self.storage_options)}
+        path = Path(root)
+        if path.exists():
+            if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+                raise LayerCheckError(self.layer, f"lake root {root} is not a readable folder", self.remedy)
+            layers = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+            return {"root": root, "kind": "local", "exists": True, "writable": os.access(path, os.W_OK),
+                    "folders": layers}
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is None or not os.access(parent, os.W_OK):
+            raise LayerCheckError(self.layer, f"lake root {root} does not exist and {parent} is not writable",
+                                  self.remedy)
+        return {"root": root, "kind": "local", "exists": False, "created_by": "the first write (make up / demo)"}
+
     def platform_check(self) -> dict[str, Any]:
         """
         Prove the root is usable: for a local root, create it if needed and write, read back and delete a

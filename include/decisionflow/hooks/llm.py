@@ -32,6 +32,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from decisionflow.hooks.base import CheckableHook, LayerCheckError
+from decisionflow.exceptions import NonRetryableError
 
 if TYPE_CHECKING:
     from airflow.sdk import Connection
@@ -51,7 +52,7 @@ PROVIDER_PACKAGES = {"openai": "langchain-openai", "azure_openai": "langchain-op
                      "deepseek": "langchain-deepseek", "xai": "langchain-xai"}
 
 
-class LlmConfigError(RuntimeError):
+class LlmConfigError(NonRetryableError, RuntimeError):
     """The LLM connection exists but its chat model cannot be built; names the connection and the remedy."""
 
 
@@ -164,6 +165,12 @@ class LlmHook(CheckableHook):
         except Exception as exc:  # noqa: BLE001 - pydantic validation of the kwargs
             raise LlmConfigError(f"[llm] connection {self.llm_conn_id!r}: {path}(**kwargs) failed: "
                                  f"{type(exc).__name__}: {exc} -- remedy: fix extra.kwargs") from exc
+
+    def probe(self) -> dict[str, Any]:
+        """Read-only and free: the connection builds its chat model (provider package, class, settings); the model
+        is not called (a call costs tokens -- ``platform_check`` makes one)."""
+        model = self.get_chat_model()
+        return {"chat_model": self.model_name, "class": f"{type(model).__module__}.{type(model).__name__}"}
 
     def platform_check(self) -> dict[str, Any]:
         """One real round trip: the model is asked to call an ``echo`` tool and must answer with that tool call

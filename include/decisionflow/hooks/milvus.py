@@ -197,6 +197,17 @@ class MilvusHook(CheckableHook):
 
         server_manager_instance.release_server(self.uri)
 
+    # -- read-only probe ------------------------------------------------------------------------------------
+    def probe(self) -> dict[str, Any]:
+        """List the collections (nothing created). A Milvus Lite file that does not exist yet is reported, not
+        created (opening it would create it and take its lock)."""
+        uri = self.uri
+        if self.is_lite and not Path(uri).exists():
+            return {"uri": uri, "lite": True, "exists": False, "collections": []}
+        with self.client() as client:
+            collections = sorted(client.list_collections())
+        return {"uri": uri, "lite": self.is_lite, "collections": collections}
+
     # -- self-check -----------------------------------------------------------------------------------------
     def platform_check(self) -> dict[str, Any]:
         """(Re)create the scratch collection ``platform_check`` (dim 8), insert 8 vectors, search, drop it.

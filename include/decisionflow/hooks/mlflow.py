@@ -138,6 +138,15 @@ class MlflowHook(CheckableHook):
         except (urllib.error.URLError, OSError) as exc:
             return {"ok": False, "detail": str(getattr(exc, "reason", exc))}
 
+    # -- read-only probe ------------------------------------------------------------------------------------
+    def probe(self) -> dict[str, Any]:
+        """``GET <tracking_uri>/health``: the server answers (no run, no experiment created)."""
+        health = self.health()
+        if not health["ok"]:
+            raise LayerCheckError(self.layer, f"MLflow at {self._describe_uri()} is not healthy: {health['detail']}",
+                                  self.remedy)
+        return {"tracking_uri": self._describe_uri(), "health": health["detail"]}
+
     # -- self-check -----------------------------------------------------------------------------------------
     def platform_check(self) -> dict[str, Any]:
         """Log a run with a param, a metric and a small artifact, then read all three back from the server.

@@ -244,6 +244,16 @@ class RayHook(CheckableHook):
             _set_env(saved)
 
     # -- self-check -----------------------------------------------------------------------------------------
+    def probe(self) -> dict[str, Any]:
+        """``GET /api/version`` on the dashboard with the connection's token (no driver, no task)."""
+        try:
+            version = self.dashboard_get("/api/version", timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - HTTPError 401/403 (token), URLError (unreachable)
+            hint = {401: " (no token sent)", 403: " (wrong token)"}.get(getattr(exc, "code", None), "")
+            raise LayerCheckError(self.layer, f"Ray dashboard {self.dashboard_url}: {exc}{hint}", self.remedy) from exc
+        ray_version = version.get("ray_version") if isinstance(version, dict) else None
+        return {"dashboard_url": self.dashboard_url, "address": self.address, "ray_version": ray_version}
+
     def platform_check(self) -> dict[str, Any]:
         """Prove the cluster works: authenticated dashboard call, then a remote task through an authenticated driver.
 

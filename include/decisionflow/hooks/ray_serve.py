@@ -69,6 +69,14 @@ class RayServeHook(RayHook):
         return json.loads(text) if text.strip() else None
 
     # -- read -------------------------------------------------------------------------------------------------
+    def probe(self) -> dict[str, Any]:
+        """Read-only: the dashboard answers (:meth:`RayHook.probe`) and Serve's applications and their status."""
+        summary = super().probe()
+        details = self.get_details()
+        apps = details.get("applications") or {}
+        summary["serve_applications"] = {name: app.get("status") for name, app in sorted(apps.items())}
+        return summary
+
     def get_details(self) -> dict[str, Any]:
         """``GET /api/serve/applications/``: Serve's instance details (``applications`` by name, ``http_options``)."""
         return self._request("GET", APPLICATIONS_PATH) or {}
