@@ -41,6 +41,23 @@ class AirflowClient:
             raise AirflowApiError(f"admin password not readable from {path} (is the stack up?): {exc}") from exc
         return cls(base_url(ctx), ADMIN_USER, password)
 
+    @classmethod
+    def from_env(cls, url: str | None = None, username: str | None = None,
+                 password: str | None = None) -> AirflowClient:
+        """A client for ``url`` (or ``$DECISIONFLOW_AIRFLOW_URL``) with the given credentials (or
+        ``$DECISIONFLOW_AIRFLOW_USER`` / ``$DECISIONFLOW_AIRFLOW_PASSWORD``); without a URL, the local stack's."""
+        import os
+
+        url = url or os.environ.get("DECISIONFLOW_AIRFLOW_URL")
+        if not url:
+            return cls.for_local_stack()
+        username = username or os.environ.get("DECISIONFLOW_AIRFLOW_USER") or "admin"
+        password = password if password is not None else os.environ.get("DECISIONFLOW_AIRFLOW_PASSWORD")
+        if password is None:
+            raise AirflowApiError(f"no password for {username} at {url}: pass --password or set "
+                                  "DECISIONFLOW_AIRFLOW_PASSWORD")
+        return cls(url.rstrip("/"), username, password)
+
     def __post_init__(self) -> None:
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout)
         self._token: str | None = None
@@ -139,6 +156,30 @@ class AirflowClient:
                 "reset_dag_runs": True, "include_downstream": False, "include_upstream": False}
         result = self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=body)
         return [ti["task_id"] for ti in result.get("task_instances", [])]
+
+    def task_instances(self, dag_id: str, run_id: str, page: int = 100) -> list[dict]:
+        """Every task instance of a run (mapped ones one per map index), paged."""
+        items: list[dict] = []
+        while True:
+            data = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances",
+                                params={"limit": page, "offset": len(items)})
+            batch = data.get("task_instances", [])
+            items.extend(batch)
+            if not batch or len(items) >= int(data.get("total_entries", len(items))):
+                return items
+
+    def latest_run(self, dag_id: str, state: str | None = None) -> dict | None:
+        """The most recent run of ``dag_id`` (in ``state`` when given), or ``None``."""
+        params: dict[str, Any] = {"order_by": "-run_after", "limit": 1}
+        if state:
+            params["state"] = [state]
+        runs = self.request("GET", f"/dags/{dag_id}/dagRuns", params=params).get("dag_runs", [])
+        return runs[0] if runs else None
+
+    def clear_task_instances(self, dag_id: str, body: dict[str, Any]) -> list[dict]:
+        """``POST /dags/{dag_id}/clearTaskInstances`` with ``body`` as given (mind ``dry_run``, which the API
+        defaults to true); the task instances it cleared (or would clear)."""
+        return self.request("POST", f"/dags/{dag_id}/clearTaskInstances", json=body).get("task_instances", [])
 
     def try_number(self, dag_id: str, run_id: str, task_id: str) -> int:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")["try_number"]

@@ -7,6 +7,8 @@
     decisionflow env                     shell exports for the airflow CLI against this stack
     decisionflow settings validate|load [--file F]
     decisionflow trigger DAG_ID [--wait] [--timeout S]   unpause + trigger through the REST API
+    decisionflow retry DAG [RUN] [--yes] [--wait]   show what clearing the failed tasks of RUN (default: the
+                                         latest failed run) and their downstream would reset; --yes clears it
     decisionflow produce --events N --rate R --seed S ...  seeded transaction-risk events into Kafka
     decisionflow demo [--events N]       the whole loop: events -> ... -> decisions, a summary and a report
     decisionflow policy validate FILE    check a decision policy file (names file, rule and field on error)
@@ -134,6 +136,32 @@ def cmd_trigger(args) -> int:
         print(f"failed tasks: {failed}; open the UI or `decisionflow logs` for the cause", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_retry(args) -> int:
+    from decisionflow.airflow_client import AirflowApiError, AirflowClient
+    from decisionflow.retry import RetryError, apply_retry, label, plan_retry
+
+    try:
+        client = AirflowClient.from_env(args.url, args.user, args.password)
+        plan = plan_retry(client, args.dag_id, args.run_id)
+        print(plan.format())
+        if not args.yes:
+            print(f"\ndry run: nothing cleared. To clear these and re-run them: decisionflow retry {plan.dag_id} "
+                  f"{plan.run_id} --yes")
+            return 0
+        cleared = apply_retry(client, plan)
+        print(f"\ncleared {len(cleared)} task instance(s): {', '.join(sorted(label(t) for t in cleared))}")
+        if not args.wait:
+            print(f"the scheduler re-runs them; follow with: decisionflow retry {plan.dag_id} {plan.run_id} (or the "
+                  f"UI: {client.base_url}/dags/{plan.dag_id}/runs/{plan.run_id})")
+            return 0
+        state = client.wait_for_run(plan.dag_id, plan.run_id, timeout=args.timeout, log=print)
+    except (RetryError, AirflowApiError) as exc:
+        print(f"decisionflow retry: {exc}", file=sys.stderr)
+        return 1
+    print(f"{plan.dag_id} {plan.run_id}: {state}")
+    return 0 if state == "success" else 1
 
 
 def _policy(path):
@@ -447,6 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--wait", action="store_true", help="wait for the run to finish; non-zero unless success")
     trigger.add_argument("--timeout", type=float, default=1200)
     trigger.set_defaults(func=cmd_trigger)
+    retry = sub.add_parser(
+        "retry", help="clear a run's failed tasks and their downstream (upstream_failed included) to re-run them",
+        description="Show what clearing the failed and upstream_failed task instances of a run, and everything "
+                    "downstream of them, would reset (a dry run through the REST API); with --yes, clear them so "
+                    "the scheduler re-runs them. Airflow: $DECISIONFLOW_AIRFLOW_URL / _USER / _PASSWORD, "
+                    "else the local stack.")
+    retry.add_argument("dag_id", metavar="DAG")
+    retry.add_argument("run_id", metavar="RUN", nargs="?", help="run id (default: the latest failed run)")
+    retry.add_argument("--yes", action="store_true", help="really clear (default: only show the plan)")
+    retry.add_argument("--wait", action="store_true", help="with --yes: wait for the run; non-zero unless success")
+    retry.add_argument("--timeout", type=float, default=1800, help="seconds --wait waits (default %(default)s)")
+    retry.add_argument("--url", help="Airflow base URL (default $DECISIONFLOW_AIRFLOW_URL, else the local stack)")
+    retry.add_argument("--user", help="Airflow user (default $DECISIONFLOW_AIRFLOW_USER or admin)")
+    retry.add_argument("--password", help="Airflow password (default $DECISIONFLOW_AIRFLOW_PASSWORD)")
+    retry.set_defaults(func=cmd_retry)
     return parser
 
 
