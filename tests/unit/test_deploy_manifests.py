@@ -136,6 +136,7 @@ def test_broken_compose_is_rejected_naming_file_and_field(tmp_path):
     broken["services"]["ray-head"]["ports"] = ["8265:8265"]
     broken["services"]["milvus"]["environment"]["MINIO_SECRET_ACCESS_KEY"] = "plain-text"
     broken["services"]["ray-worker"]["depends_on"]["ray-tail"] = {"condition": "service_started"}
+    broken["services"]["redis"]["image"] = "redis:latest"
     broken["services"]["postgres"]["volumes"].append("./postgres/missing.sql:/docker-entrypoint-initdb.d/x.sql:ro")
     problems = v.validate_compose(_write(tmp_path / "compose.yaml", broken), base=DOCKER)
     joined = "\n".join(problems)
@@ -144,6 +145,7 @@ def test_broken_compose_is_rejected_naming_file_and_field(tmp_path):
     assert "services.ray-head.ports[0]" in joined
     assert "services.milvus.environment.MINIO_SECRET_ACCESS_KEY" in joined
     assert "services.ray-worker.depends_on.ray-tail: no such service" in joined
+    assert "services.redis.image: redis:latest: pin the image to a version tag" in joined
     assert "services.postgres.volumes[2]: bind source ./postgres/missing.sql does not exist" in joined
 
 
