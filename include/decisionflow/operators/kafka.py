@@ -40,7 +40,9 @@ class KafkaEnsureTopicsOperator(DecisionflowOperatorMixin, BaseOperator):
         names = self.topics or list(TOPICS)
         unknown = sorted(set(names) - set(TOPICS))
         if unknown:
-            raise ValueError(f"topics {unknown} are not declared in decisionflow.contracts.TOPICS ({sorted(TOPICS)})")
+            from decisionflow.exceptions import ParamsError
+
+            raise ParamsError(f"topics {unknown} are not declared in decisionflow.contracts.TOPICS ({sorted(TOPICS)})")
         hook = KafkaHook(kafka_config_id=self.kafka_config_id)
         results = []
         for name in names:
