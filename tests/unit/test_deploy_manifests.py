@@ -258,10 +258,16 @@ def test_kafka_topics_are_every_topic_the_code_uses():
     from decisionflow import constants
     from decisionflow.contracts import TOPICS
     from decisionflow.hooks.kafka import KafkaHook
+    from decisionflow.notifications.failure import ALERTS_RETENTION_MS, ALERTS_TOPIC_PARTITIONS
+    from decisionflow.operators.decisions import DECISIONS_TOPIC_PARTITIONS
 
     topics = {t["metadata"]["name"]: t for t in _docs("kafka-topics.yaml")}
-    expected = {**{name: spec.partitions for name, spec in TOPICS.items()}, constants.DECISIONS_TOPIC: 3,
-                getattr(constants, "ALERTS_TOPIC", "platform-alerts"): 1, KafkaHook.PLATFORM_CHECK_TOPIC: 1}
+    expected = {**{name: spec.partitions for name, spec in TOPICS.items()},
+                constants.DECISIONS_TOPIC: DECISIONS_TOPIC_PARTITIONS,
+                constants.ALERTS_TOPIC: ALERTS_TOPIC_PARTITIONS, KafkaHook.PLATFORM_CHECK_TOPIC: 1}
+    retention = {**{name: int(spec.topic_config()["retention.ms"]) for name, spec in TOPICS.items()},
+                 constants.ALERTS_TOPIC: ALERTS_RETENTION_MS,
+                 KafkaHook.PLATFORM_CHECK_TOPIC: KafkaHook.PLATFORM_CHECK_RETENTION_MS}
     for name in ("transactions", "transaction-labels", "case-notes", "decisions", "platform-alerts"):
         assert name in expected
     assert set(topics) == set(expected)
@@ -270,8 +276,8 @@ def test_kafka_topics_are_every_topic_the_code_uses():
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "decisionflow"
         assert spec["replicas"] == 3 and spec["config"]["min.insync.replicas"] == 2, name
         assert spec["partitions"] == expected[name], name
-        if name in TOPICS:
-            assert str(spec["config"]["retention.ms"]) == TOPICS[name].topic_config()["retention.ms"], name
+        if name in retention:
+            assert spec["config"]["retention.ms"] == retention[name], name
 
 
 def test_rayservice_serves_the_application_rollout_model_builds():
