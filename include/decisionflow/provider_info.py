@@ -55,4 +55,5 @@ def get_provider_info() -> dict:
             {"integration-name": s["integration-name"], "python-modules": s["python-modules"]} for s in _section(3)
         ],
         "connection-types": CONNECTION_TYPES,
+        "notifications": ["decisionflow.notifications.failure.FailureNotifier"],
     }
