@@ -72,7 +72,7 @@ def _failed_task_context():
         op.execute({})
     run_id = f"manual__{uuid.uuid4().hex}"
     ti = SimpleNamespace(dag_id="ingest_transactions", task_id=op.task_id, run_id=run_id, map_index=-1,
-                         try_number=1, max_tries=3,
+                         try_number=1, max_tries=2,
                          log_url=f"http://127.0.0.1:8080/dags/ingest_transactions/runs/{run_id}/tasks/ensure_topics"
                                  "?try_number=1")
     return {"ti": ti, "task": op, "exception": failed.value, "run_id": run_id}

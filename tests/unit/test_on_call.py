@@ -264,7 +264,7 @@ def test_spark_operator_trusts_exit_code_3_without_a_marker(spark_connections, m
 # -- the failure notifier -----------------------------------------------------------------------------------------
 def _context(exception, task, try_number=3, map_index=-1):
     ti = SimpleNamespace(dag_id="build_lakehouse", task_id=task.task_id, run_id="manual__2026-12-01T20:00:00+00:00",
-                         map_index=map_index, try_number=try_number, max_tries=3,
+                         map_index=map_index, try_number=try_number, max_tries=2,
                          log_url="http://127.0.0.1:8080/dags/build_lakehouse/runs/r/tasks/gold?try_number=3")
     return {"ti": ti, "task": task, "exception": exception, "run_id": ti.run_id}
 

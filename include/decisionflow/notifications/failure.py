@@ -15,7 +15,9 @@ The alert (:func:`build_alert`) is one JSON object:
      "retry_command": "decisionflow retry build_lakehouse <run_id>", "failed_at": "2026-12-01T20:00:00+00:00",
      "line": "build_lakehouse.gold failed (try 1/3, run ...): [lakehouse] ... -- remedy: ... -- log: http://..."}
 
-It goes to two channels, each optional and each bounded by ``timeout``:
+``max_tries`` is the tries allowed (the task's retries + 1); ``retryable`` false means the error fails the same way
+every time (a ``NonRetryableError``: not retried). It goes to two channels, each optional and each bounded by
+``timeout``:
 
 * the webhook of an HTTP connection (``alerts_webhook``: host/port/schema or a URL in ``host``, extra
   ``endpoint`` (default ``alerts``) and ``headers``, ``password`` a bearer token), ``POST`` with the alert as body
@@ -82,10 +84,11 @@ def build_alert(context: Mapping[str, Any], *, layer: str = "", remedy: str = ""
     map_index = _get(ti, "map_index", -1)
     map_index = -1 if map_index is None else int(map_index)
     try_number = int(_get(ti, "try_number", 0) or 0)
-    max_tries = _get(ti, "max_tries", None)
-    if max_tries in (None, 0):
+    # Airflow's ti.max_tries counts the retries: the tries allowed are one more
+    retries = _get(ti, "max_tries", None)
+    if retries in (None, 0):
         retries = _get(task, "retries", None)
-        max_tries = (int(retries) + 1) if isinstance(retries, int) else None
+    max_tries = (int(retries) + 1) if isinstance(retries, int) else None
     exception = context.get("exception")
     failure = describe_failure(exception, layer=layer or _task_layer(task), remedy=remedy)
     retryable = not (failure.non_retryable or is_non_retryable(exception if isinstance(exception, BaseException)
