@@ -138,7 +138,7 @@ def describe_failure(exc: BaseException | str | None, *, layer: str = "", remedy
         # the innermost error of ours says most; an Airflow wrapper (AirflowFailException) says least
         ours = [e for e in chain if type(e).__module__.startswith("decisionflow")]
         best = next((e for e in ours if getattr(e, "remedy", "") and getattr(e, "layer", "")), None)
-        best = best or next((e for e in chain if _LINE.match(str(e)) and _LINE.match(str(e))["remedy"]), None)
+        best = best or next((e for e in [*ours, *chain] if _LINE.match(str(e)) and _LINE.match(str(e))["remedy"]), None)
         best = best or (ours[-1] if ours else chain[0])
         found_layer = str(getattr(best, "layer", "") or "")
         found_remedy = str(getattr(best, "remedy", "") or "")

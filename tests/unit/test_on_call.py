@@ -412,3 +412,15 @@ def test_every_checkable_hook_has_a_probe():
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if issubclass(cls, CheckableHook) and cls is not CheckableHook:
                 assert cls.probe is not CheckableHook.probe, f"{cls.__name__} has no read-only probe"
+
+
+def test_the_drill_fails_on_purpose_until_its_variable_says_false(monkeypatch):
+    from decisionflow.operators.platform import OnCallDrillOperator
+
+    context = {"dag": SimpleNamespace(dag_id="oncall_drill"), "run_id": "manual__1"}
+    monkeypatch.setenv("AIRFLOW_VAR_ONCALL_DRILL_FAIL", "true")
+    with pytest.raises(AirflowFailException, match=r"^\[drill\] failed on purpose.*decisionflow retry oncall_drill "
+                                                    r"manual__1 --yes"):
+        OnCallDrillOperator(task_id="fail_on_purpose").execute(context)
+    monkeypatch.setenv("AIRFLOW_VAR_ONCALL_DRILL_FAIL", "false")
+    assert OnCallDrillOperator(task_id="fail_on_purpose").execute(context)["value"] == "false"

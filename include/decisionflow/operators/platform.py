@@ -88,3 +88,43 @@ def layer_failure_callback(layer: str, remedy: str):
         )
 
     return _callback
+
+
+#: The Airflow Variable that makes the on-call drill fail (anything but "false", "0", "no" or "off": fail).
+DRILL_VARIABLE = "oncall_drill_fail"
+
+
+class OnCallDrillOperator(DecisionflowOperatorMixin, BaseOperator):
+    """
+    Fail on purpose, for on-call to practise: the failure alert (webhook + ``platform-alerts``) and
+    ``decisionflow retry``. While the Airflow Variable ``oncall_drill_fail`` is true (the default when it is unset)
+    the task fails with a :class:`~decisionflow.exceptions.NonRetryableError` (so at once, no retries): its alert
+    says layer ``drill``, the cause and the remedy. Set the Variable to ``false`` and ``decisionflow retry`` the
+    run: the task and its downstream run again and succeed.
+
+    :param variable: the Variable read at run time. Defaults to ``oncall_drill_fail``.
+    """
+
+    layer = "drill"
+    ui_color = "#fbe3e3"
+
+    def __init__(self, *, variable: str = DRILL_VARIABLE, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not variable:
+            raise ValueError("variable: give the name of the Airflow Variable that makes the drill fail")
+        self.variable = variable
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        from airflow.sdk import Variable
+
+        from decisionflow.exceptions import NonRetryableError
+
+        value = str(Variable.get(self.variable, default="true")).strip().lower()
+        if value not in ("false", "0", "no", "off"):
+            error = NonRetryableError(f"[drill] failed on purpose: Variable {self.variable} is {value!r} -- remedy: "
+                                      f"set Variable {self.variable} to false, then `decisionflow retry "
+                                      f"{context['dag'].dag_id} {context['run_id']} --yes`")
+            raise error
+        self.log.info("Variable %s is %r: the drill passes", self.variable, value)
+        return {"variable": self.variable, "value": value}
+
