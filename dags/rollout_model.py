@@ -18,6 +18,10 @@ way (it goes through the same canary analysis).
    `serving/rollouts` and on the MLflow version's tags, and the task fails naming it.
 
 A failed canary call is answered by stable (and counted against the canary): clients never see its faults.
+An environment's own analysis defaults (e.g. a staging Airflow with short windows) go in the Airflow Variable
+`decisionflow_rollout` (JSON: any of `weights`, `shadow`, `window_seconds`, `limits`, `on_inconclusive`); they
+apply to asset-triggered runs and to every param a manual run's conf leaves out.
+
 Weights live in the gateway deployment's `user_config`: a step restarts no replica. Replicas / autoscaling come
 from the params below (`ray_default` can point at a real Ray cluster).
 """
@@ -31,6 +35,7 @@ from airflow.sdk import DAG, Param
 
 from decisionflow import constants
 from decisionflow.assets import MODEL_CHAMPION
+from decisionflow.notifications.failure import failure_alerts
 from decisionflow.operators.serving import RolloutOperator
 
 with DAG(
@@ -66,7 +71,7 @@ with DAG(
                                               "secrets), e.g. kafka_bootstrap, milvus_uri; mlflow_uri defaults "
                                               "to mlflow_default"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "owner": "ml-platform"},
+    default_args=failure_alerts({"retries": 2, "retry_delay": timedelta(minutes=1), "owner": "ml-platform"}),
 ) as dag:
     RolloutOperator(
         task_id="rollout",
@@ -80,5 +85,6 @@ with DAG(
         replicas="{{ params.replicas }}",
         autoscaling="{{ params.autoscaling }}",
         app_args="{{ params.gateway_settings }}",
+        defaults_variable="decisionflow_rollout",
         execution_timeout=timedelta(hours=2),
     )

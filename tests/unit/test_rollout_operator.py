@@ -253,3 +253,34 @@ def test_trigger_gives_up_with_error_when_metrics_stay_unreadable(monkeypatch):
                                     window_seconds=5, poll_interval=0.01, max_scrape_failures=3)
     event = _run(trigger)
     assert event["status"] == "error" and "connection refused" in event["reason"]
+
+
+def test_environment_defaults_from_a_variable_the_run_conf_wins_and_a_rollout_keeps_its_values(env, monkeypatch):
+    from airflow.sdk import Variable
+
+    variables = {"decisionflow_rollout": {"window_seconds": 7, "weights": [25, 100], "limits": {"min_requests": 3}}}
+    monkeypatch.setattr(Variable, "get", classmethod(lambda cls, key, default=None, deserialize_json=False:
+                                                     variables.get(key, default)))
+    context = {**CONTEXT, "dag_run": SimpleNamespace(conf={"weights": [50, 100]})}
+    drive(op(model_version="1", defaults_variable="decisionflow_rollout"), [])
+    # the DAG renders params (conf included) into the arguments: weights [50, 100] came from the conf
+    operator = op(model_version="2", defaults_variable="decisionflow_rollout", limits={"max_error_rate": 0.2},
+                  weights=[50, 100])
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context)
+    kwargs = deferred.value.trigger.serialize()[1]
+    assert kwargs["window_seconds"] == 7  # from the Variable
+    assert kwargs["limits"]["min_requests"] == 3 and kwargs["limits"]["max_error_rate"] == 0.2  # merged
+    # the run's conf set weights: [50, 100] (shadow first), not the Variable's
+    variables["decisionflow_rollout"] = {"window_seconds": 99}  # changed mid-rollout: not picked up
+    resumed = op(model_version="2", defaults_variable="decisionflow_rollout", weights=[50, 100])
+    event = {"status": "pass", "reason": "ok", "measurements": {}, "window_seconds": 7.0,
+             "step": kwargs["step"]}
+    with pytest.raises(TaskDeferred) as nxt:
+        resumed.execute_complete(context, event=event, **deferred.value.kwargs)
+    step = nxt.value.trigger.serialize()[1]
+    assert step["step"]["weight"] == 50 and step["window_seconds"] == 7
+
+    variables["decisionflow_rollout"] = {"window_secs": 5}
+    with pytest.raises(AirflowFailException, match="decisionflow_rollout.*window_secs"):
+        op(model_version="3", defaults_variable="decisionflow_rollout").execute(context)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from decisionflow import constants
+from decisionflow.operators.base import DecisionflowOperatorMixin
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -66,8 +67,10 @@ def _version(value: Any) -> str | None:
     return None if text in ("", "None", "null") else text
 
 
-class _ServeBase(BaseOperator):
+class _ServeBase(DecisionflowOperatorMixin, BaseOperator):
     """Shared arguments of the serving operators (documented on each)."""
+
+    layer = "serving"
 
     def __init__(self, *, app_args: Mapping[str, Any] | str | None = None, scale: Mapping[str, Any] | str | None = None,
                  runtime_env: Mapping[str, Any] | str | None = None, import_path: str | None = None,
@@ -264,7 +267,16 @@ class RolloutOperator(_ServeBase):
     :param mlflow_conn_id: Airflow connection of the MLflow server (type ``mlflow``).
     :param lake_conn_id: Airflow connection of the lake (``serving/rollouts`` is written under its root).
     :param deploy_timeout: seconds to wait for each deploy to be RUNNING (default 600).
+    :param defaults_variable: an Airflow Variable (JSON object) with this environment's analysis defaults, e.g. a
+        staging Airflow with short windows: any of ``weights``, ``shadow``, ``window_seconds``, ``limits``
+        (merged key by key over the ``limits`` argument), ``on_inconclusive``, ``canary_timeout_s``. They replace
+        the arguments above, except those the triggering run's conf sets. Missing Variable = no change; an
+        unknown key fails the task naming the Variable and the key. Read once per rollout: a rollout keeps the
+        values it started with.
     """
+
+    #: keys a ``defaults_variable`` may set (the analysis plan's arguments)
+    PLAN_KEYS = ("weights", "shadow", "window_seconds", "limits", "on_inconclusive", "canary_timeout_s")
 
     template_fields: Sequence[str] = ("model_name", "model_version", "weights", "shadow", "window_seconds", "limits",
                                       "on_inconclusive", "canary_timeout_s", "app_args", "scale", "replicas", "autoscaling",
@@ -275,8 +287,10 @@ class RolloutOperator(_ServeBase):
                  weights: Sequence[float] | str = (10, 50, 100), shadow: bool | str = True,
                  window_seconds: float | str = 60.0, limits: Mapping[str, Any] | str | None = None,
                  on_inconclusive: str = "fail", canary_timeout_s: float | str = 2.0, poll_interval: float = 2.0,
-                 metrics_url: str | None = None, lake_conn_id: str = "lake_default", **kwargs: Any) -> None:
+                 metrics_url: str | None = None, lake_conn_id: str = "lake_default",
+                 defaults_variable: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.defaults_variable = defaults_variable
         self.model_name = model_name
         self.model_version = model_version
         self.weights = weights
@@ -290,6 +304,41 @@ class RolloutOperator(_ServeBase):
         self.lake_conn_id = lake_conn_id
 
     # -- pieces -----------------------------------------------------------------------------------------------
+    def environment_defaults(self, context: Context) -> dict[str, Any]:
+        """The ``defaults_variable``'s plan arguments the run's conf does not set (``{}`` without a Variable)."""
+        from airflow.sdk import Variable
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if not self.defaults_variable:
+            return {}
+        try:
+            values = Variable.get(self.defaults_variable, default=None, deserialize_json=True)
+        except ValueError as exc:  # json.JSONDecodeError
+            raise AirflowFailException(f"Variable {self.defaults_variable!r} is not a JSON object: {exc}") from exc
+        if values is None:
+            return {}
+        if not isinstance(values, Mapping):
+            raise AirflowFailException(f"Variable {self.defaults_variable!r} must be a JSON object of rollout "
+                                       f"defaults, got {type(values).__name__}")
+        unknown = sorted(set(values) - set(self.PLAN_KEYS))
+        if unknown:
+            raise AirflowFailException(f"Variable {self.defaults_variable!r}: unknown key(s) {unknown}; allowed: "
+                                       f"{list(self.PLAN_KEYS)}")
+        dag_run = context.get("dag_run")
+        conf = dict(getattr(dag_run, "conf", None) or {})
+        chosen = {k: v for k, v in values.items() if k not in conf}
+        if chosen:
+            self.log.info("rollout defaults from Variable %s: %s (run conf sets %s)", self.defaults_variable,
+                          chosen, sorted(set(values) & set(conf)) or "none of them")
+        return chosen
+
+    def use_defaults(self, defaults: Mapping[str, Any] | None) -> None:
+        """Apply :meth:`environment_defaults` (``limits`` merged key by key)."""
+        for key, value in (defaults or {}).items():
+            if key == "limits":
+                value = {**_mapping(self.limits, "limits"), **_mapping(value, f"{self.defaults_variable}.limits")}
+            setattr(self, key, value)
+
     def plan(self):
         from decisionflow.rollout.plan import RolloutPlan
 
@@ -349,6 +398,8 @@ class RolloutOperator(_ServeBase):
         from decisionflow.rollout import history
         from decisionflow.rollout.serve_config import ServingState
 
+        defaults = self.environment_defaults(context)
+        self.use_defaults(defaults)
         plan = self.plan()
         spec = self.app_spec()
         client = self.mlflow_client()
@@ -389,10 +440,11 @@ class RolloutOperator(_ServeBase):
         self.record(rollout_id, action="canary_deployed", to_version=version, from_version=stable, status="ok",
                     canary_weight=first.weight, shadow=first.shadow, serving_state=summary["state"],
                     reason=f"canary loaded and RUNNING in {summary['seconds']}s")
-        self._defer_step(first, stable, version, rollout_id, [])
+        self._defer_step(first, stable, version, rollout_id, [], defaults)
         return None
 
-    def _defer_step(self, step, stable: str, version: str, rollout_id: str, verdicts: list[dict]) -> None:
+    def _defer_step(self, step, stable: str, version: str, rollout_id: str, verdicts: list[dict],
+                    defaults: Mapping[str, Any] | None = None) -> None:
         from decisionflow.triggers.canary import CanaryAnalysisTrigger
 
         plan = self.plan()
@@ -401,11 +453,13 @@ class RolloutOperator(_ServeBase):
                                         window_seconds=plan.window_seconds, limits=plan.limits.as_dict(),
                                         poll_interval=self.poll_interval, step=step.as_dict())
         self.defer(trigger=trigger, method_name="execute_complete",
-                   kwargs={"stable": stable, "version": version, "rollout_id": rollout_id, "verdicts": verdicts},
+                   kwargs={"stable": stable, "version": version, "rollout_id": rollout_id, "verdicts": verdicts,
+                           "defaults": dict(defaults or {})},
                    timeout=timedelta(seconds=plan.window_seconds * 3 + 600))
 
     def execute_complete(self, context: Context, event: dict[str, Any], stable: str, version: str, rollout_id: str,
-                         verdicts: list[dict] | None = None) -> dict[str, Any] | None:
+                         verdicts: list[dict] | None = None,
+                         defaults: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Resume after an analysis window: record it, then the next step, promotion or rollback."""
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -413,6 +467,7 @@ class RolloutOperator(_ServeBase):
         from decisionflow.rollout import history
         from decisionflow.rollout.plan import Step
 
+        self.use_defaults(defaults)  # the values the rollout started with, not the Variable's of now
         plan = self.plan()
         spec = self.app_spec()
         hook = self.serve_hook()
@@ -439,7 +494,7 @@ class RolloutOperator(_ServeBase):
                 why = f"step {nxt.index} (weight {nxt.weight:g}%) did not deploy: {exc}"
                 self._rollback(hook, spec, plan, client, rollout_id, stable, version, why, nxt.as_dict())
                 raise AirflowFailException(f"rolled back to version {stable}: {why}") from exc
-            self._defer_step(nxt, stable, version, rollout_id, verdicts)
+            self._defer_step(nxt, stable, version, rollout_id, verdicts, defaults)
             return None
 
         seconds = 0.0
