@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from decisionflow.exceptions import NonRetryableError
+
 __all__ = [
     "FAIL",
     "INCONCLUSIVE",
@@ -52,7 +54,7 @@ CANARY_ROLES = ("canary", "shadow")
 Labels = tuple[tuple[str, str], ...]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(NonRetryableError, ValueError):
     """Metrics text or limits the analysis cannot use; the message names what."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from decisionflow.exceptions import NonRetryableError
 from decisionflow.rollout.analysis import FAIL, INCONCLUSIVE, PASS, Limits
 from decisionflow.rollout.serve_config import ServingState
 
@@ -29,7 +30,7 @@ __all__ = ["RolloutPlan", "Step"]
 ON_INCONCLUSIVE = ("fail", "pass")
 
 
-class RolloutPlanError(ValueError):
+class RolloutPlanError(NonRetryableError, ValueError):
     """The rollout parameters are invalid; the message names the field."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from decisionflow.exceptions import NonRetryableError
+
 __all__ = [
     "APP_NAME",
     "AppSpec",
@@ -45,7 +47,7 @@ DEFAULT_IMPORT_PATH = "decisionflow_serving.deployments:build_app"
 DEFAULT_NUM_CPUS = 0.25
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(NonRetryableError, ValueError):
     """A Serve config input is invalid; the message names the field."""
 
 
