@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -230,15 +231,20 @@ def test_trigger_fails_fast_and_passes_at_the_end(monkeypatch):
     monkeypatch.setattr(module, "scrape", lambda url, timeout=10.0: next(scrapes))
     trigger = CanaryAnalysisTrigger(metrics_url="http://x/metrics", canary_version="4", stable_version="3",
                                     window_seconds=60, limits={"min_requests": 20}, poll_interval=0.01,
-                                    step={"index": 0})
+                                    step={"index": 0}, min_fire_seconds=0.5)
+    started = time.monotonic()
     event = _run(trigger)
-    assert event["status"] == "fail" and "already exceed" in event["reason"] and event["window_seconds"] < 60
+    assert event["status"] == "fail" and "already exceed" in event["reason"] and event["window_seconds"] < 0.5
+    # decided at once, delivered no sooner than min_fire_seconds (apache/airflow#72716: a trigger firing before
+    # the scheduler saw the deferral gets the resumed task killed)
+    assert time.monotonic() - started >= 0.5
     assert event["step"] == {"index": 0}
 
     scrapes = iter([_text(0, 0)] + [_text(100, 0)] * 50)
     monkeypatch.setattr(module, "scrape", lambda url, timeout=10.0: next(scrapes))
     trigger = CanaryAnalysisTrigger(metrics_url="http://x/metrics", canary_version="4", stable_version="3",
-                                    window_seconds=0.05, limits={"min_requests": 20}, poll_interval=0.01)
+                                    window_seconds=0.05, limits={"min_requests": 20}, poll_interval=0.01,
+                                    min_fire_seconds=0)
     assert _run(trigger)["status"] == "pass"
 
 
@@ -250,7 +256,7 @@ def test_trigger_gives_up_with_error_when_metrics_stay_unreadable(monkeypatch):
 
     monkeypatch.setattr(module, "scrape", down)
     trigger = CanaryAnalysisTrigger(metrics_url="http://x/metrics", canary_version="4", stable_version="3",
-                                    window_seconds=5, poll_interval=0.01, max_scrape_failures=3)
+                                    window_seconds=5, poll_interval=0.01, max_scrape_failures=3, min_fire_seconds=0)
     event = _run(trigger)
     assert event["status"] == "error" and "connection refused" in event["reason"]
 

@@ -12,6 +12,11 @@ The trigger waits until the gateway routes the step's traffic (``decisionflow_ro
 
 The event carries ``reason``, ``reasons``, ``measurements`` (see :func:`decisionflow.rollout.analysis.measure`),
 ``window_seconds`` and ``step`` (passed through for the operator).
+
+No event fires sooner than ``min_fire_seconds`` after the trigger started: a trigger that fires while the
+scheduler has not yet processed the deferring worker's exit gets the resumed task killed as a "state mismatch"
+(apache/airflow#72716, #71580, still open in Airflow 3.3), which a fail-fast verdict 2 s into a window hit here.
+The verdict is taken when it is sure; only its delivery waits.
 """
 
 from __future__ import annotations
@@ -46,13 +51,16 @@ class CanaryAnalysisTrigger(BaseTrigger):
     :param settle_timeout: seconds to wait for the gateway to route the step's traffic (its
         ``decisionflow_routing_weight`` gauges: ``step["weight"]`` and ``step["shadow"]``) before the window
         starts; ``error`` after that.
+    :param min_fire_seconds: the earliest an event is delivered after the trigger started (default 10; see the
+        module doc).
     """
 
     def __init__(self, *, metrics_url: str, canary_version: str, stable_version: str | None,
                  window_seconds: float, limits: dict[str, Any] | None = None, poll_interval: float = 2.0,
                  step: dict[str, Any] | None = None, max_scrape_failures: int = 5,
-                 settle_timeout: float = 120.0) -> None:
+                 settle_timeout: float = 120.0, min_fire_seconds: float = 10.0) -> None:
         super().__init__()
+        self.min_fire_seconds = float(min_fire_seconds)
         self.metrics_url = metrics_url
         self.canary_version = str(canary_version)
         self.stable_version = None if stable_version is None else str(stable_version)
@@ -76,6 +84,7 @@ class CanaryAnalysisTrigger(BaseTrigger):
                 "step": self.step,
                 "max_scrape_failures": self.max_scrape_failures,
                 "settle_timeout": self.settle_timeout,
+                "min_fire_seconds": self.min_fire_seconds,
             },
         )
 
@@ -90,6 +99,13 @@ class CanaryAnalysisTrigger(BaseTrigger):
                              "canary_version": self.canary_version, "stable_version": self.stable_version})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        created = time.monotonic()
+        async for event in self._verdicts():
+            await asyncio.sleep(max(0.0, created + self.min_fire_seconds - time.monotonic()))
+            yield event
+            return
+
+    async def _verdicts(self) -> AsyncIterator[TriggerEvent]:
         from decisionflow.rollout.analysis import Limits, analyze, fail_fast, routing_applied
 
         limits = Limits.from_mapping(self.limits)
