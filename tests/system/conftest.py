@@ -1,6 +1,10 @@
 """One private local stack for all system tests: own data dir, the standard ports, brought down at the end.
 
 Test files run in name order; ``test_zz_stack_down.py`` goes last and checks that ``down`` leaves nothing.
+
+Developing one test without the whole chain: ``DF_SYSTEM_DATA=<dir>`` runs on the stack of that data dir (started
+if it is not running) and leaves it up and its data in place, e.g. ``DF_SYSTEM_DATA=/tmp/dfsys pytest
+tests/system/test_lakehouse_pipeline.py tests/system/test_model_pipeline.py``, then the test at hand against it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,15 @@ from decisionflow.stack import Stack, StackContext
 
 @pytest.fixture(scope="session")
 def stack():
+    kept = os.environ.get("DF_SYSTEM_DATA")
+    if kept:
+        data = Path(kept)
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o755)
+        stack = Stack(StackContext(data=data))
+        stack.up(timeout=300)  # starts only what is not running
+        yield stack
+        return
     data = Path(tempfile.mkdtemp(prefix="df-system-"))
     data.chmod(0o755)  # PostgreSQL runs as the 'postgres' user when we are root: it must enter the dir
     stack = Stack(StackContext(data=data))
