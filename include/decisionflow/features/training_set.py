@@ -140,8 +140,14 @@ def build_training_set(
     try:
         service = store.get_feature_service(feature_service)
     except Exception as exc:  # feast raises FeatureServiceNotFoundException
-        raise TrainingSetError(f"feature service {feature_service!r} is not in the Feast registry "
-                               f"(apply the feature repo first): {exc}") from exc
+        try:
+            applied = bool(store.list_feature_services())
+        except Exception:  # noqa: BLE001 - an unreadable registry: report the lookup's error below
+            applied = True
+        # a registry with no feature service at all is a fresh platform (a skip); another name is a wrong config
+        error = TrainingSetError if applied else TrainingSourceMissingError
+        raise error(f"feature service {feature_service!r} is not in the Feast registry "
+                    f"(apply the feature repo first: materialize_features does): {exc}") from exc
     expected = [f.name for projection in service.feature_view_projections for f in projection.features]
     frame = store.get_historical_features(entity_df=entity_rows, features=service).to_df()
     missing = [name for name in expected if name not in frame.columns]
