@@ -345,7 +345,7 @@ def _resolve_endpoints(env: dict[str, str], monkeypatch, data_dir: str) -> dict[
     from decisionflow.hooks.milvus import MilvusHook
     from decisionflow.hooks.mlflow import MlflowHook
     from decisionflow.hooks.ray_serve import RayServeHook
-    from decisionflow.operators.decisions import webhook_url
+    from decisionflow.hooks.webhook import webhook_url
 
     def url(u: str) -> tuple[str, int]:
         parts = urlsplit(u if "://" in u else f"tcp://{u}")

@@ -180,7 +180,9 @@ class FailureNotifier(BaseNotifier):
     def _send_webhook(self, alert: Mapping[str, Any]) -> dict[str, Any] | None:
         if not self.webhook_conn_id:
             return None
-        url, headers = webhook_target(self.webhook_conn_id, self.log)
+        from decisionflow.hooks.webhook import webhook_url
+
+        url, headers = webhook_url(self.webhook_conn_id, self.log, endpoint="alerts")
         if url is None:
             return None
         import httpx
@@ -210,27 +212,6 @@ class FailureNotifier(BaseNotifier):
         hook.ensure_topic(self.topic, ALERTS_TOPIC_PARTITIONS, retention_ms=ALERTS_RETENTION_MS, timeout=self.timeout)
         return hook.send(self.topic, json.dumps(alert, default=str).encode(), key=str(alert["dag_id"]).encode(),
                          headers={"kind": str(alert.get("kind", "task_failed"))}, timeout=self.timeout)
-
-
-def webhook_target(conn_id: str, log: Any) -> tuple[str | None, dict[str, str]]:
-    """URL and headers of the alerts webhook connection (endpoint default ``alerts``); ``(None, {})`` without it."""
-    from airflow.sdk import BaseHook
-
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:  # noqa: BLE001 - AirflowNotFoundException: the channel is simply not configured
-        log.info("no %s connection: the alerts webhook channel is off", conn_id)
-        return None, {}
-    host = conn.host or ""
-    if not host:
-        raise ValueError(f"connection {conn_id}: host is empty -- set it to the alerts receiver's host or URL")
-    url = host if "://" in host else f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
-    extra = conn.extra_dejson or {}
-    path = str(extra.get("endpoint", "alerts"))
-    headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
-    if conn.password:
-        headers.setdefault("Authorization", f"Bearer {conn.password}")
-    return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
 
 
 def failure_alerts(default_args: Mapping[str, Any] | None = None, **notifier_kwargs: Any) -> dict[str, Any]:

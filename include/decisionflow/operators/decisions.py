@@ -28,33 +28,13 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:200]
 
 
-def webhook_url(conn_id: str, log: Any) -> tuple[str | None, dict[str, str]]:
-    """The actions webhook's URL and headers from an HTTP connection (``host`` a URL, or host/port/schema; extra
-    ``endpoint``, default ``actions``, and ``headers``; ``password`` a bearer token); ``(None, {})`` when the
-    connection does not exist (the channel is off, logged)."""
-    from airflow.sdk import BaseHook
-
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception:  # noqa: BLE001 - AirflowNotFoundException: the channel is simply not configured
-        log.info("no %s connection: the webhook channel is off", conn_id)
-        return None, {}
-    host = conn.host or ""
-    url = host if "://" in host else f"{conn.schema or 'http'}://{host}{f':{conn.port}' if conn.port else ''}"
-    extra = conn.extra_dejson or {}
-    path = str(extra.get("endpoint", "actions"))  # as HttpOperator's endpoint: relative to the host
-    headers = {str(k): str(v) for k, v in (extra.get("headers") or {}).items()}
-    if conn.password:
-        headers.setdefault("Authorization", f"Bearer {conn.password}")
-    return url.rstrip("/") + (path if path.startswith("/") else f"/{path}"), headers
-
-
 def outbox_deliverers(kafka_conn_id: str, webhook_conn_id: str, log: Any) -> tuple[list, Any]:
     """The outbox's channels from connections, in order: Kafka topic ``decisions`` (created with
     :data:`DECISIONS_TOPIC_PARTITIONS` when missing), then the actions webhook when its connection exists; and
     the :class:`~decisionflow.hooks.kafka.KafkaHook` (for other topics of the same cluster)."""
     from decisionflow.decisions.outbox import deliver_kafka, deliver_webhook
     from decisionflow.hooks.kafka import KafkaHook
+    from decisionflow.hooks.webhook import webhook_url
 
     # The connection's librdkafka settings; the outbox adds its own producer/consumer settings on top.
     hook = KafkaHook(kafka_config_id=kafka_conn_id)
