@@ -49,6 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 from decisionflow.lakehouse.quality import check_equal, check_table, delta_version, is_delta_table
 from decisionflow.lakehouse.tables import TableSpec, join_path, table
+from decisionflow.spark.conf import SMALL_BATCH_SQL_CONF
+from decisionflow.spark.conf import sql_conf as _sql_conf
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -409,12 +411,20 @@ def _build_one(spark: SparkSession, lake_root: str, name: str, versions: Mapping
     return result
 
 
-def run_gold(spark: SparkSession, lake_root: str, *, full_refresh: bool = False, check: bool = True) -> dict[str, GoldResult]:
+def run_gold(spark: SparkSession, lake_root: str, *, full_refresh: bool = False, check: bool = True,
+             sql_conf: Mapping[str, str] | None = SMALL_BATCH_SQL_CONF) -> dict[str, GoldResult]:
     """Bring the three gold tables up to date with silver; returns results by table name.
 
     Gates (``check``): the computed rows of a table are checked before its MERGE, and the table as merged
     right after it - before the next gold table reads it - so a failure stops the stage at that table.
+    ``sql_conf``: SQL properties set for the run (default: interpreted expressions,
+    :data:`decisionflow.spark.conf.SMALL_BATCH_SQL_CONF`; ``None`` keeps the session's).
     """
+    with _sql_conf(spark, sql_conf):
+        return _run_gold(spark, lake_root, full_refresh=full_refresh, check=check)
+
+
+def _run_gold(spark: SparkSession, lake_root: str, *, full_refresh: bool, check: bool) -> dict[str, GoldResult]:
     from pyspark.sql import functions as F
 
     for name in (SILVER_TXN, SILVER_LABELS, *GOLD_TABLES):

@@ -57,6 +57,8 @@ from decisionflow.lakehouse.quality import (
     is_delta_table,
 )
 from decisionflow.lakehouse.tables import BRONZE_TABLES, TableSpec, checkpoint_path, join_path, table
+from decisionflow.spark.conf import SMALL_BATCH_SQL_CONF
+from decisionflow.spark.conf import sql_conf as _sql_conf
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -625,12 +627,18 @@ def run_flow(spark: SparkSession, lake_root: str, flow: SilverFlow, *, max_value
     return result
 
 
-def run_silver(spark: SparkSession, lake_root: str, topics: Iterable[str] | None = None, **options: Any) -> dict[str, FlowResult]:
-    """Run the silver flows (all three by default, transactions first); returns results by silver table name."""
+def run_silver(spark: SparkSession, lake_root: str, topics: Iterable[str] | None = None, *,
+               sql_conf: Mapping[str, str] | None = SMALL_BATCH_SQL_CONF, **options: Any) -> dict[str, FlowResult]:
+    """Run the silver flows (all three by default, transactions first); returns results by silver table name.
+
+    ``sql_conf``: SQL properties set for the run (default: interpreted expressions,
+    :data:`decisionflow.spark.conf.SMALL_BATCH_SQL_CONF`; ``None`` keeps the session's).
+    """
     results: dict[str, FlowResult] = {}
-    for topic in (topics or FLOWS):
-        flow = FLOWS[topic]
-        results[flow.silver] = run_flow(spark, lake_root, flow, **options)
+    with _sql_conf(spark, sql_conf):
+        for topic in (topics or FLOWS):
+            flow = FLOWS[topic]
+            results[flow.silver] = run_flow(spark, lake_root, flow, **options)
     return results
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,16 @@ DEFAULT_SHUFFLE_PARTITIONS = 4
 #: platform check's spark-submit about 1.5-2x quicker and ~280 MiB smaller (C2 compilation competes with
 #: the job for the cores); long CPU-heavy jobs should turn it off (``fast_start=False``).
 FAST_START_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
+#: Spark SQL settings for the lakehouse build's small local batches: expressions are evaluated interpreted
+#: instead of generating and compiling Java for every plan (and every task's projection). The silver
+#: classification is one huge generated expression per contract; on ~3,000 events this cut the silver job's
+#: CPU time by ~23% and gold's by ~22%, with identical tables. Applied around the stage by
+#: :func:`sql_conf` (silver and gold only; ingest and the other jobs keep code generation). A session that
+#: sets one of them explicitly (``--conf spark.sql.codegen.wholeStage=true``) keeps its own value.
+SMALL_BATCH_SQL_CONF: dict[str, str] = {
+    "spark.sql.codegen.wholeStage": "false",
+    "spark.sql.codegen.factoryMode": "NO_CODEGEN",
+}
 
 
 class MissingJarsError(NonRetryableError, FileNotFoundError):
@@ -157,6 +168,20 @@ def spark_conf(
         conf[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
     conf["spark.sql.extensions"] = _merge_extensions(conf.get("spark.sql.extensions"))
     return conf
+
+
+@contextmanager
+def sql_conf(spark: SparkSession, defaults: Mapping[str, str] | None) -> Iterator[None]:
+    """Runtime SQL properties for the block: each of ``defaults`` the session has not set explicitly (a
+    ``--conf`` of the submitter wins) is set, then unset again when the block ends."""
+    added = [key for key in (defaults or {}) if spark.conf.get(key, None) is None]
+    try:
+        for key in added:
+            spark.conf.set(key, defaults[key])
+        yield
+    finally:
+        for key in added:
+            spark.conf.unset(key)
 
 
 def spark_env(
