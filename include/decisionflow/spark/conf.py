@@ -55,10 +55,6 @@ SMALL_BATCH_SQL_CONF: dict[str, str] = {
     "spark.sql.codegen.wholeStage": "false",
     "spark.sql.codegen.factoryMode": "NO_CODEGEN",
 }
-#: Set to ``0`` to run the driver without the class-data-sharing archive (see :func:`cds_java_options`).
-ENV_SPARK_CDS = "DECISIONFLOW_SPARK_CDS"
-#: Variables that change the driver's classpath (part of the archive's key).
-_CLASSPATH_ENV = ("SPARK_CONF_DIR", "HADOOP_CONF_DIR", "YARN_CONF_DIR", "SPARK_DIST_CLASSPATH", "JAVA_HOME")
 
 
 class MissingJarsError(NonRetryableError, FileNotFoundError):
@@ -119,101 +115,6 @@ def python_executable() -> str:
     return sys.executable
 
 
-def cds_folder() -> Path:
-    """Where the driver's class-data-sharing archives live: ``$DECISIONFLOW_DATA/spark/cds``."""
-    return config.data_dir() / "spark" / "cds"
-
-
-def _cds_key(java_options: str) -> str | None:
-    """Hash of what a dynamic CDS archive depends on: the java binary, Spark's jars, classpath variables and the
-    JVM options. A change of any of them names a new archive (the JVM would also refuse a stale one)."""
-    import hashlib
-    import shutil
-
-    java_home = os.environ.get("JAVA_HOME")
-    java = Path(java_home) / "bin" / "java" if java_home else (Path(shutil.which("java") or ""))
-    if not java.name or not java.exists():
-        return None
-    java = java.resolve()
-    digest = hashlib.sha256()
-    stat = java.stat()
-    digest.update(f"{java}|{stat.st_size}|{int(stat.st_mtime)}|{java_options}".encode())
-    for name in _CLASSPATH_ENV:
-        digest.update(f"|{name}={os.environ.get(name, '')}".encode())
-    for jar in sorted((spark_home() / "jars").glob("*.jar")):
-        jar_stat = jar.stat()
-        digest.update(f"|{jar.name}:{jar_stat.st_size}:{int(jar_stat.st_mtime)}".encode())
-    return digest.hexdigest()[:16]
-
-
-def _archive_usable(archive: Path) -> bool:
-    """The JVM itself maps ``archive`` with the driver's very classpath (``spark-submit --version`` with
-    ``-Xshare:on``, which fails on a partial or foreign file instead of running without it); run once, before
-    an archive is put in place."""
-    import subprocess
-
-    env = {**os.environ, **spark_env(), "SPARK_SUBMIT_OPTS": f"-Xshare:on -XX:SharedArchiveFile={archive}"}
-    try:
-        done = subprocess.run([str(spark_submit_binary()), "--version"], env=env, capture_output=True, timeout=120)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0
-
-
-def cds_java_options(java_options: str = FAST_START_JAVA_OPTIONS, folder: str | os.PathLike | None = None) -> str:
-    """Driver JVM options for Java's class-data sharing (AppCDS), made and used automatically.
-
-    The driver loads ~20k classes from Spark's jars at every start; a dynamic CDS archive of them makes the
-    JVM map them instead. The first job writes one at exit (``-XX:ArchiveClassesAtExit``, to a unique
-    ``*.part`` file: concurrent jobs never share a file); a later call checks a finished part with the JVM
-    (``-Xshare:on``) and renames it into place atomically, and from then on every driver starts with
-    ``-XX:SharedArchiveFile``. The archive is named by :func:`_cds_key`, so a new Java, Spark jar set or
-    classpath variable simply makes a new one; a JVM that cannot use an archive runs without it (CDS is
-    best effort: ``-Xshare:auto``; its log lines are off), and a dump the check refuses marks the key
-    ``*.unusable``: no archive and no further dumps for it. ``DECISIONFLOW_SPARK_CDS=0`` turns it off.
-    Measured on this busy 2-core machine (silver stage, ~3,500 bronze rows, interpreted expressions): the one
-    dump costs ~50 s of CPU at the end of the first job (a ~200 MB file); with the archive the job used 101 s
-    of CPU against 110 s without and its session was up in 25 s against 43 s (runs under different load, so
-    indicative; ``bench/lakehouse_build.py`` measures both sides on the same bronze).
-
-    :return: JVM options to append ("" when off or when anything about the archive cannot be worked out).
-    """
-    import time
-    import uuid
-
-    if os.environ.get(ENV_SPARK_CDS, "1").strip().lower() in ("0", "false", "no", "off"):
-        return ""
-    try:
-        key = _cds_key(java_options)
-        if key is None:
-            return ""
-        where = Path(folder) if folder is not None else cds_folder()
-        archive, unusable = where / f"driver-{key}.jsa", where / f"driver-{key}.unusable"
-        quiet = "-Xshare:auto -Xlog:cds*=off"
-        if unusable.exists():  # a dump the JVM refused: never dump again for this key (CDS is only a speed-up)
-            return ""
-        if not archive.exists():
-            parts = sorted(where.glob(f"driver-{key}.*.part"), key=lambda p: p.stat().st_mtime)
-            for part in parts:
-                if _archive_usable(part):
-                    os.replace(part, archive)
-                    break
-            else:
-                if parts:
-                    unusable.touch()
-            for part in where.glob(f"driver-{key}.*.part"):  # leftovers of killed or concurrent dumps
-                if archive.exists() or unusable.exists() or time.time() - part.stat().st_mtime > 3600:
-                    part.unlink(missing_ok=True)
-            if unusable.exists():
-                return ""
-        if archive.exists():
-            return f"{quiet} -XX:SharedArchiveFile={archive}"
-        where.mkdir(parents=True, exist_ok=True)
-        return f"{quiet} -XX:ArchiveClassesAtExit={where / f'driver-{key}.{uuid.uuid4().hex[:8]}.part'}"
-    except Exception:  # noqa: BLE001 - best effort: no archive is always a valid answer
-        return ""
-
-
 def _merge_extensions(current: str | None) -> str:
     names = [name.strip() for name in (current or "").split(",") if name.strip()]
     if DELTA_EXTENSION not in names:
@@ -241,9 +142,8 @@ def spark_conf(
     :param log_level: Driver log level once the context is up (``spark.log.level``).
     :param warehouse_dir: ``spark.sql.warehouse.dir``; defaults to ``$DECISIONFLOW_DATA/spark/warehouse``
         so no ``spark-warehouse/`` appears in whatever directory the job was launched from.
-    :param fast_start: Add :data:`FAST_START_JAVA_OPTIONS` and the class-data-sharing archive
-        (:func:`cds_java_options`) to the driver JVM (with ``local[*]`` the driver is the whole job); an
-        ``spark.driver.extraJavaOptions`` override replaces them.
+    :param fast_start: Add :data:`FAST_START_JAVA_OPTIONS` to the driver JVM (with ``local[*]`` the driver
+        is the whole job); an ``spark.driver.extraJavaOptions`` override replaces them.
     """
     python = python_executable()
     conf: dict[str, str] = {
@@ -263,8 +163,7 @@ def spark_conf(
         "spark.log.level": log_level.upper(),
     }
     if fast_start:
-        conf["spark.driver.extraJavaOptions"] = " ".join(
-            filter(None, (FAST_START_JAVA_OPTIONS, cds_java_options(FAST_START_JAVA_OPTIONS))))
+        conf["spark.driver.extraJavaOptions"] = FAST_START_JAVA_OPTIONS
     for key, value in (overrides or {}).items():
         conf[str(key)] = str(value).lower() if isinstance(value, bool) else str(value)
     conf["spark.sql.extensions"] = _merge_extensions(conf.get("spark.sql.extensions"))
