@@ -518,6 +518,7 @@ def test_optimize_vacuum_and_quality_report(spark, built):
 
 
 def test_failed_gate_inside_the_build_names_table_rule_and_counts(spark, built, tmp_path):
+    from decisionflow.exceptions import EXIT_NON_RETRYABLE
     from decisionflow.jobs import build_lakehouse
 
     lake = built["lake"]
@@ -527,7 +528,7 @@ def test_failed_gate_inside_the_build_names_table_rule_and_counts(spark, built, 
     enriched_version = quality.delta_version(spark, join_path(lake, "gold/transactions_enriched"))
     summary_path = tmp_path / "summary.json"
     code = build_lakehouse.main(["--lake-root", lake, "--stage", "gold", "--no-migrate", "--summary-path", str(summary_path)])
-    assert code == 1
+    assert code == EXIT_NON_RETRYABLE  # a failed gate fails the same way on every try: the operator won't retry
     summary = json.loads(summary_path.read_text())
     assert summary["ok"] is False
     assert summary["failed_gate"]["table"] == "gold/account_features"
