@@ -35,6 +35,7 @@ except ImportError:  # collected as a plain directory (rootdir-relative import m
     from fixtures_kafka import kafka_broker, kafka_connection  # noqa: F401
 
 import decisionflow.jobs
+from decisionflow.exceptions import EXIT_NON_RETRYABLE, NON_RETRYABLE_MARKER
 from decisionflow.contracts import SOURCE_TOPICS, TRANSACTIONS
 from decisionflow.lakehouse.bronze import BRONZE_TABLES, GROUP_ID_PREFIX, checkpoint_path, table_path
 from decisionflow.risk.generator import EventGenerator, GeneratorConfig
@@ -396,7 +397,9 @@ def test_missing_topic_fails_with_the_remedy(kafka_broker, tmp_path):
         _argv(lake, tmp_path, "--lake-root", str(lake), "--bootstrap-servers", bootstrap,
               "--topics", "transactions", "decisionflow.no-such-topic=no_such_topic"),
         env=_spark_env(lake, bootstrap), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1, result.stderr[-3000:]
+    # A missing topic is for someone to fix, not to retry: the job exits EXIT_NON_RETRYABLE and says so.
+    assert result.returncode == EXIT_NON_RETRYABLE, result.stderr[-3000:]
+    assert NON_RETRYABLE_MARKER in result.stdout + result.stderr
     summary = _summary_line(result.stdout)
     assert summary["ok"] is False
     assert "'decisionflow.no-such-topic'" in summary["error"]
