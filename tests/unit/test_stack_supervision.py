@@ -126,3 +126,19 @@ def test_down_stops_every_service_once_in_dependency_tiers(ctx):
                                                 ("airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"))
     assert all(position[s.name] < position["postgres"] for s in flat if s is not stack.postgres)
     assert stack.down() == []  # nothing started: nothing stopped
+
+
+def test_task_processes_fork_from_a_preloaded_forkserver(tmp_path):
+    """The scheduler's LocalExecutor workers come from a forkserver that imported the heavy libraries once; the
+    list holds installed libraries only (never our own code, which must reach the next task without a restart)."""
+    import importlib.util
+
+    from decisionflow.stack.airflow import TASK_PRELOAD_MODULES, airflow_environment
+    from decisionflow.stack.base import StackContext
+
+    env = airflow_environment(StackContext(data=tmp_path))
+    assert env["AIRFLOW__SCHEDULER__MP_START_METHOD"] == "forkserver"
+    assert env["AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD"].split(",") == list(TASK_PRELOAD_MODULES)
+    assert not [m for m in TASK_PRELOAD_MODULES if m.split(".")[0] == "decisionflow"]
+    # multiprocessing skips a preload that raises ImportError: a typo here would silently preload nothing
+    assert [m for m in TASK_PRELOAD_MODULES if importlib.util.find_spec(m.split(".")[0]) is None] == []

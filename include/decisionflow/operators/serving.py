@@ -96,6 +96,8 @@ class _ServeBase(DecisionflowOperatorMixin, BaseOperator):
         return RayServeHook(ray_conn_id=self.ray_conn_id)
 
     def mlflow_client(self):
+        """A client of the registry. Only where it is needed: between two analysis windows a rollout touches no
+        MLflow, and importing it (and its first request) costs a resumed task tens of seconds on a busy box."""
         from decisionflow.hooks.mlflow import MlflowHook
 
         return MlflowHook(mlflow_conn_id=self.mlflow_conn_id).get_client()
@@ -471,7 +473,6 @@ class RolloutOperator(_ServeBase):
         plan = self.plan()
         spec = self.app_spec()
         hook = self.serve_hook()
-        client = self.mlflow_client()
         step = Step(**event.get("step", {"index": 0, "weight": 0.0, "shadow": False}))
         status = str(event.get("status"))
         reason = str(event.get("reason") or "")
@@ -482,7 +483,7 @@ class RolloutOperator(_ServeBase):
                     measurements=event.get("measurements") or {}, window_seconds=event.get("window_seconds"))
         if not plan.passed(status):
             why = f"step {step.index} (canary weight {step.weight:g}%): {status}: {reason}"
-            self._rollback(hook, spec, plan, client, rollout_id, stable, version, why, step.as_dict())
+            self._rollback(hook, spec, plan, self.mlflow_client(), rollout_id, stable, version, why, step.as_dict())
             raise AirflowFailException(f"rolled back {self.model_name} version {version} to version {stable}: {why}")
 
         steps = plan.steps()
@@ -492,7 +493,7 @@ class RolloutOperator(_ServeBase):
                 self.apply(hook, spec, plan.step_state(nxt, stable, version))
             except ServeDeployError as exc:
                 why = f"step {nxt.index} (weight {nxt.weight:g}%) did not deploy: {exc}"
-                self._rollback(hook, spec, plan, client, rollout_id, stable, version, why, nxt.as_dict())
+                self._rollback(hook, spec, plan, self.mlflow_client(), rollout_id, stable, version, why, nxt.as_dict())
                 raise AirflowFailException(f"rolled back to version {stable}: {why}") from exc
             self._defer_step(nxt, stable, version, rollout_id, verdicts, defaults)
             return None
@@ -501,7 +502,8 @@ class RolloutOperator(_ServeBase):
         for state in plan.promote_states(stable, version):
             seconds += self.apply(hook, spec, state)["seconds"]
         reason = f"all {len(steps)} analysis window(s) passed; version {version} replaces {stable}"
-        history.mark_live(client, self.model_name, version, rollout_id=rollout_id, reason=reason, replaced=stable)
+        history.mark_live(self.mlflow_client(), self.model_name, version, rollout_id=rollout_id, reason=reason,
+                          replaced=stable)
         self.record(rollout_id, action="promoted", to_version=version, from_version=stable, status="ok",
                     canary_weight=0.0, shadow=False, reason=reason,
                     serving_state=plan.promote_states(stable, version)[-1].as_dict(), window_seconds=seconds)
