@@ -35,8 +35,8 @@ except ImportError:  # collected as a plain directory (rootdir-relative import m
     from fixtures_kafka import kafka_broker, kafka_connection  # noqa: F401
 
 import decisionflow.jobs
-from decisionflow.exceptions import EXIT_NON_RETRYABLE, NON_RETRYABLE_MARKER
 from decisionflow.contracts import SOURCE_TOPICS, TRANSACTIONS
+from decisionflow.exceptions import EXIT_NON_RETRYABLE, NON_RETRYABLE_MARKER
 from decisionflow.lakehouse.bronze import BRONZE_TABLES, GROUP_ID_PREFIX, checkpoint_path, table_path
 from decisionflow.risk.generator import EventGenerator, GeneratorConfig
 from decisionflow.risk.producer import ensure_topics, produce, read_truth

@@ -140,5 +140,14 @@ def test_task_processes_fork_from_a_preloaded_forkserver(tmp_path):
     assert env["AIRFLOW__SCHEDULER__MP_START_METHOD"] == "forkserver"
     assert env["AIRFLOW__SCHEDULER__MP_FORKSERVER_PRELOAD"].split(",") == list(TASK_PRELOAD_MODULES)
     assert not [m for m in TASK_PRELOAD_MODULES if m.split(".")[0] == "decisionflow"]
-    # multiprocessing skips a preload that raises ImportError: a typo here would silently preload nothing
-    assert [m for m in TASK_PRELOAD_MODULES if importlib.util.find_spec(m.split(".")[0]) is None] == []
+    # multiprocessing skips a preload that raises ImportError, so a misspelt name would silently not be
+    # preloaded: each one must be an installed module (found on disk, without importing the heavy library)
+    def installed(name: str) -> bool:
+        top, *rest = name.split(".")
+        spec = importlib.util.find_spec(top)
+        if spec is None or not rest:
+            return spec is not None
+        base = Path(spec.submodule_search_locations[0]).joinpath(*rest)
+        return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+    assert [m for m in TASK_PRELOAD_MODULES if not installed(m)] == []
